@@ -1,0 +1,1 @@
+"""Masked-conditioning generative models for engineering design."""

@@ -1,0 +1,80 @@
+"""The LightningModule base every masked-conditioning model shares: schema, masking, embedding, sparsity, RNG."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+
+from modules.conditioning import ConditionEmbedding, ConditionMasking, ConditionSchema, MaskedConditions
+from modules.config import build_dataclass
+from modules.errors import UserError
+
+
+class MaskedConditioningModule(pl.LightningModule):
+    """Holds the fitted condition schema, `ConditionMasking` and `ConditionEmbedding` built from the run config.
+
+    Subclasses set `config_cls` and `model_type`, and read `self.sparsity` (set by the `SparsityScheduler`
+    callback) when they mask conditions in a training step.
+    """
+
+    config_cls: type
+    model_type: str
+
+    def __init__(self, *, config: dict, schema: dict):
+        super().__init__()
+        self.cfg = build_dataclass(self.config_cls, config, source="checkpoint config")
+        self.schema = ConditionSchema.from_state(schema)
+        c = self.cfg.conditioning
+        self.masking = ConditionMasking.for_schema(self.schema, sentinel=c.sentinel)
+        self.embedding = ConditionEmbedding(self.schema, dim=c.embedding_dim, numerical_mask=c.numerical_mask)
+        self.sparsity = self.cfg.sparsity.initial
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
+
+    def step_generator(self, stream: int = 0) -> torch.Generator:
+        """RNG for masks and noise as a function of (seed, stream, global step): a resumed run draws the same numbers."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.cfg.trainer.seed * 1_000_003 + stream) * 1_000_003 + int(self.global_step))
+        return g
+
+    def mask(self, categorical: torch.Tensor, numerical: torch.Tensor, p: float,
+             generator: Optional[torch.Generator] = None) -> MaskedConditions:
+        return self.masking(categorical, numerical, p, generator)
+
+    # ------------------------------------------------------------------ cheap epoch-level logging
+    def accumulate(self, values: dict[str, torch.Tensor], n: int) -> None:
+        """Sum detached batch metrics (weighted by batch size) without a host sync per step."""
+        for key, value in values.items():
+            weighted = value.detach() * n
+            self._epoch_sums[key] = self._epoch_sums[key] + weighted if key in self._epoch_sums else weighted
+        self._epoch_count += n
+
+    def log_accumulated(self, prefix: str) -> None:
+        if self._epoch_count:
+            self.log_dict({f"{prefix}/{k}": v / self._epoch_count for k, v in self._epoch_sums.items()},
+                          on_step=False, on_epoch=True)
+        self._epoch_sums, self._epoch_count = {}, 0
+
+    # ------------------------------------------------------------------ user-facing conditions
+    def conditions_from(self, conditions: Mapping | pd.DataFrame | None, n: int) -> tuple[MaskedConditions, pd.DataFrame]:
+        """Encode a dict (one set of conditions, n times) or a DataFrame (n times each row); absent conditions and
+        empty cells are masked. Returns the masked conditions and the request as rows."""
+        if conditions is None:
+            conditions = {}
+        if isinstance(conditions, Mapping):
+            parsed = {k: self.schema.parse_value(k, v) for k, v in conditions.items()}
+            frame = pd.DataFrame([parsed] * n, columns=list(parsed)) if parsed else pd.DataFrame(index=range(n))
+        elif isinstance(conditions, pd.DataFrame):
+            unknown = [c for c in conditions.columns if c not in self.schema.names]
+            if unknown:
+                raise UserError(f"unknown condition '{unknown[0]}'. Valid conditions: {', '.join(self.schema.names)}.")
+            frame = conditions.loc[conditions.index.repeat(n)].reset_index(drop=True)
+        else:
+            raise TypeError("conditions must be a dict, a pandas DataFrame or None")
+        cat, num = self.schema.encode(frame, source="conditions")
+        cat, num = cat.to(self.device), num.to(self.device)
+        # absent conditions are already mask tokens / NaN, which `apply` keeps masked
+        masked = self.masking.apply(cat, num, torch.zeros_like(cat, dtype=torch.bool), torch.isnan(num))
+        return masked, frame

@@ -1,0 +1,264 @@
+"""Typed run configuration, loaded from YAML and validated: unknown keys and wrong types name the key and the file."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from modules.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# --------------------------------------------------------------------------- schema of the data
+
+
+@dataclass
+class ConditionSpec:
+    name: str  # CSV column
+    kind: Literal["categorical", "numerical"]
+    categories: Optional[list] = None  # fixes the vocabulary order; default: sorted training values
+    vocabulary: Optional[str] = None  # columns naming the same vocabulary share one vocabulary and embedding table
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    csv_path: str
+    design_columns: list[str]
+    conditions: list[ConditionSpec]
+    id_column: Optional[str] = None  # saved with the split so a user can see which design went where
+    vocabularies: dict[str, list] = field(default_factory=dict)  # shared vocabularies with a fixed order
+    split: SplitConfig = field(default_factory=SplitConfig)
+    plot_style: Literal["bike", "profile", "points", "none"] = "points"  # how sample.py --plot draws designs
+    outline_points: Optional[int] = None  # profile: the first N (x, y) points form a closed outline; the rest are dots
+
+
+# --------------------------------------------------------------------------- shared training sections
+
+
+@dataclass
+class ConditioningConfig:
+    embedding_dim: int = 5  # per condition; the condition vector has n_conditions * embedding_dim entries
+    numerical_mask: Literal["sentinel", "learned"] = "sentinel"
+    sentinel: float = -1.0  # value of a masked numerical condition after min-max normalisation to [0, 1]
+
+
+@dataclass
+class SparsityConfig:
+    schedule: Literal["constant", "step", "linear", "exponential", "cosine"] = "linear"
+    initial: float = 0.1
+    target: Optional[float] = 0.2  # ignored by `constant`
+    target_at: int = -1  # epoch or step at which `target` is reached; -1 = end of training
+    step_size: int = 10  # epochs or steps between stairs of the `step` schedule
+    exponential_rate: float = 5.0  # curvature of the `exponential` schedule (> 0: slow start, fast end)
+    interval: Literal["epoch", "step"] = "epoch"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.1
+    gradient_clip_val: Optional[float] = None  # clip the gradient norm; null = no clipping
+
+
+@dataclass
+class LRSchedulerConfig:
+    name: Literal["none", "step"] = "step"
+    step_size: int = 100  # epochs
+    gamma: float = 0.9
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 500
+    batch_size: int = 128
+    seed: int = 42
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 50
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    num_threads: Optional[int] = None  # torch intra-op threads; small MLPs are fastest with 1
+
+
+@dataclass
+class EvaluationConfig:
+    sparsity_levels: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
+    mask_seed: int = 0
+    paper_z_seed: int = 42  # one z shared by every test design, as the authors' evaluation does
+    prior_draws: int = 8
+    adherence: bool = True
+    diversity_groups: int = 50  # condition groups used for the diversity comparison
+    diversity_samples: int = 16  # designs generated per group
+
+
+@dataclass
+class WandbConfig:
+    project: str = "masked-conditioning"
+    entity: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (lists to tuples, mappings to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return build_dataclass(tp, value, source=source, prefix=key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise _Mismatch
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key, source)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if tp is type(None):
+        if value is not None:
+            raise _Mismatch
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _Mismatch
+        return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        _, val_tp = typing.get_args(tp)
+        return {k: _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise _Mismatch
+        return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def build_dataclass(cls: type, values: dict, *, source: str, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys, missing keys and wrong types raise `UserError`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key '{prefix}{unknown[0]}'. Valid keys under "
+            f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(fields)}. Fix the spelling or remove the key."
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{source}: missing required key '{key}' ({_type_name(hints[name])}). Add it to the file.")
+            continue
+        try:
+            kwargs[name] = _convert(values[name], hints[name], key, source)
+        except _Mismatch:
+            raise UserError(
+                f"{source}: key '{key}' must be {_type_name(hints[name])}, got {values[name]!r} "
+                f"({type(values[name]).__name__}). Fix the value in the file."
+            ) from None
+    return cls(**kwargs)
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist. Pass --cfg_name NAME for configs/NAME.yaml or --config PATH.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}. Fix the file and run again.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}.")
+    return data
+
+
+def config_path(cfg_name: Optional[str], config: Optional[str]) -> Path:
+    """The YAML file named by --config PATH or --cfg_name NAME (configs/NAME.yaml)."""
+    if config:
+        return Path(config)
+    if not cfg_name:
+        raise UserError("no configuration given: pass --cfg_name NAME (a file in configs/) or --config PATH.")
+    path = CONFIG_DIR / f"{cfg_name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise UserError(f"--cfg_name {cfg_name}: there is no {path}. Available: {', '.join(names)}.")
+    return path
+
+
+def to_dict(cfg) -> dict:
+    """Plain-Python (YAML/checkpoint-safe) form of a config dataclass."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))

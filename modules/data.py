@@ -1,0 +1,233 @@
+"""Parametric data: CSV reading and validation, the seeded split, normalisation, and tensor batches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import difflib
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+
+from modules.conditioning import ConditionSchema, canonical_category
+from modules.config import DataConfig, SplitConfig
+from modules.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
+    """Read the CSV and check that every configured column exists and every design value is a finite number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist. Pass --csv_path PATH or set data.csv_path in the config "
+                        "(the README says where to get the data sets).")
+    categorical = [c.name for c in cfg.conditions if c.kind == "categorical"]
+    try:
+        frame = pd.read_csv(path, dtype={c: str for c in categorical}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot be read as CSV ({err}). Check the file.") from None
+    if frame.empty:
+        raise UserError(f"{path}: the file has no data rows.")
+    needed = list(cfg.design_columns) + [c.name for c in cfg.conditions] + ([cfg.id_column] if cfg.id_column else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        hints = []
+        for name in missing[:5]:
+            close = difflib.get_close_matches(name, frame.columns.astype(str), n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise UserError(f"{path}: column{'s' if len(missing) > 1 else ''} {', '.join(hints)} named in the config "
+                        f"{'are' if len(missing) > 1 else 'is'} not in the file. Fix data.design_columns / "
+                        f"data.conditions or the CSV header.")
+    for column in cfg.design_columns:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            rows = np.flatnonzero(bad.to_numpy())
+            examples = ", ".join(f"row {r + 2}: {frame[column].iloc[r]!r}" for r in rows[:3])
+            raise UserError(f"{path}: design column '{column}' must hold finite numbers; {len(rows)} value(s) do not "
+                            f"({examples}; row numbers count the header as row 1). Fix or drop these rows.")
+        frame[column] = values.astype(np.float64)
+    for spec in cfg.conditions:
+        if spec.kind == "numerical":
+            values = pd.to_numeric(frame[spec.name], errors="coerce")
+            non_numeric = values.isna() & frame[spec.name].notna()
+            if non_numeric.any():
+                r = int(np.flatnonzero(non_numeric.to_numpy())[0])
+                raise UserError(f"{path}: numerical condition '{spec.name}' has a non-numeric value "
+                                f"{frame[spec.name].iloc[r]!r} (row {r + 2}). Fix it, leave the cell empty "
+                                f"(= missing, masked), or declare the condition categorical.")
+            frame[spec.name] = values.astype(np.float64)
+    return frame
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.ndarray:
+    """Seeded train/val/test assignment (array of 'train'|'val'|'test') with every category in the training split.
+
+    Deterministic in one pass: for each category, the first row of the seeded permutation that carries it is
+    put into the training split (instead of retrying seeds until coverage happens).
+    """
+    total = split.train + split.val + split.test
+    if abs(total - 1.0) > 1e-6 or min(split.train, split.val, split.test) < 0:
+        raise UserError(f"data.split fractions must be ≥ 0 and sum to 1, got train={split.train}, val={split.val}, "
+                        f"test={split.test}.")
+    n = len(frame)
+    order = np.random.default_rng(split.seed).permutation(n)
+    n_train = int(round(split.train * n))
+    n_val = int(round(split.val * n))
+    anchors: list[int] = []
+    anchored = set()
+    categorical = [c for c in cfg.conditions if c.kind == "categorical"]
+    for spec in categorical:
+        values = frame[spec.name].map(canonical_category).to_numpy(dtype=object)
+        group = spec.vocabulary or spec.name
+        for row in order:
+            key = (group, values[row])
+            if values[row] is not None and key not in anchored:
+                anchored.add(key)
+                if row not in anchors:
+                    anchors.append(row)
+    anchor_set = set(anchors)
+    rest = [r for r in order if r not in anchor_set]
+    n_train = max(n_train, len(anchors))
+    train = anchors + rest[: n_train - len(anchors)]
+    remaining = rest[n_train - len(anchors):]
+    assignment = np.empty(n, dtype=object)
+    assignment[train] = "train"
+    assignment[remaining[:n_val]] = "val"
+    assignment[remaining[n_val:]] = "test"
+    return assignment
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+class MinMaxScaler:
+    """Min-max normalisation of design columns to [0, 1] with training statistics (a constant column keeps span 1)."""
+
+    def __init__(self, columns: list[str], minimum: list[float], maximum: list[float]):
+        self.columns = list(columns)
+        self.minimum = np.asarray(minimum, dtype=np.float64)
+        self.maximum = np.asarray(maximum, dtype=np.float64)
+        span = self.maximum - self.minimum
+        self.span = np.where(span > 0, span, 1.0)
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, columns: list[str]) -> "MinMaxScaler":
+        values = frame[columns].to_numpy(dtype=np.float64)
+        return cls(columns, values.min(axis=0).tolist(), values.max(axis=0).tolist())
+
+    def state_dict(self) -> dict:
+        return {"columns": self.columns, "minimum": self.minimum.tolist(), "maximum": self.maximum.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MinMaxScaler":
+        return cls(state["columns"], state["minimum"], state["maximum"])
+
+    def transform(self, frame: pd.DataFrame) -> torch.Tensor:
+        values = frame[self.columns].to_numpy(dtype=np.float64)
+        return torch.from_numpy((values - self.minimum) / self.span).float()
+
+    def inverse(self, normalised: torch.Tensor) -> pd.DataFrame:
+        values = normalised.detach().cpu().double().numpy() * self.span + self.minimum
+        return pd.DataFrame(values, columns=self.columns)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class TensorBatches:
+    """Batches sliced from tensors that already live on the device (no per-sample `__getitem__`).
+
+    The shuffle order of epoch e is a function of (seed, e) only, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], *, batch_size: int, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None):
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch_fn = epoch_fn or (lambda: 0)
+
+    @property
+    def n(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        device = self.tensors[0].device
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch_fn()))
+            order = torch.randperm(self.n, generator=g).to(device)
+            data = tuple(t.index_select(0, order) for t in self.tensors)
+        else:
+            data = self.tensors
+        for i in range(len(self)):
+            yield tuple(t[i * self.batch_size:(i + 1) * self.batch_size] for t in data)
+
+
+class ParametricDataModule(pl.LightningDataModule):
+    """Designs and conditions from one CSV, described by the YAML schema (`DataConfig`)."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int = 0, csv_path: Optional[str] = None,
+                 schema: Optional[ConditionSchema] = None, scaler: Optional[MinMaxScaler] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.csv_path = csv_path or cfg.csv_path
+        self.batch_size = batch_size
+        self.seed = seed
+        self.frame = read_table(self.csv_path, cfg)
+        self.assignment = split_rows(self.frame, cfg, cfg.split)
+        train = self.frame[self.assignment == "train"]
+        # a checkpoint brings its own fitted schema and scaler (evaluation, sampling, resume)
+        self.schema = schema or ConditionSchema.fit(cfg.conditions, train, fixed_vocabularies=cfg.vocabularies,
+                                                    source=str(self.csv_path))
+        self.scaler = scaler or MinMaxScaler.fit(train, list(cfg.design_columns))
+        self.tensors = {name: self._encode(self.frame[self.assignment == name]) for name in SPLITS}
+        self.device = torch.device("cpu")
+
+    def _encode(self, part: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        design = self.scaler.transform(part)
+        cat, num = self.schema.encode(part, source=str(self.csv_path))
+        return design, cat, num
+
+    def split_frame(self) -> pd.DataFrame:
+        """Row number, id (if configured) and split of every row: saved as split.csv in the run directory."""
+        out = pd.DataFrame({"row": np.arange(len(self.frame)), "split": self.assignment})
+        if self.cfg.id_column:
+            out.insert(1, self.cfg.id_column, self.frame[self.cfg.id_column].to_numpy())
+        return out
+
+    def part(self, name: str) -> pd.DataFrame:
+        return self.frame[self.assignment == name].reset_index(drop=True)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.trainer is not None:
+            self.device = self.trainer.strategy.root_device
+        self.tensors = {k: tuple(t.to(self.device) for t in v) for k, v in self.tensors.items()}
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def train_dataloader(self):
+        return TensorBatches(self.tensors["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                             epoch_fn=self._current_epoch)
+
+    def val_dataloader(self):
+        return TensorBatches(self.tensors["val"], batch_size=max(self.batch_size, 1024), shuffle=False)
+
+    def test_dataloader(self):
+        return TensorBatches(self.tensors["test"], batch_size=max(self.batch_size, 1024), shuffle=False)

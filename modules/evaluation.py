@@ -1,0 +1,231 @@
+"""Evaluation of parametric models: per-sparsity error, condition adherence and diversity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from modules.conditioning import MaskedConditions
+from modules.config import EvaluationConfig
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def level_masks(model, cat: torch.Tensor, num: torch.Tensor, level: float, seed: int) -> MaskedConditions:
+    """Independent per-element masks at sparsity `level` from a seeded generator (missing values stay masked)."""
+    g = _generator(seed, cat.device)
+    cat_mask, num_mask = model.masking.random_masks(cat, num, level, g)
+    return model.masking.apply(cat, num, cat_mask, num_mask)
+
+
+def _level_seed(cfg: EvaluationConfig, i: int) -> int:
+    return cfg.mask_seed * 1000 + i
+
+
+@torch.no_grad()
+def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+    """Mean per-design Σ squared error in the normalised design space at each sparsity level.
+
+    `paper`: one z ~ N(0, I) (seed `paper_z_seed`) shared by every design, as the authors' evaluation;
+    `prior`: a fresh z per design, averaged over `prior_draws` draws.
+    """
+    latent = model.cfg.model.latent_dim
+    z_paper = torch.randn((1, latent), generator=_generator(cfg.paper_z_seed, design.device), device=design.device)
+    rows = []
+    for i, level in enumerate(cfg.sparsity_levels):
+        conditions = level_masks(model, cat, num, level, _level_seed(cfg, i))
+        paper = model.generate(conditions, z=z_paper.expand(len(design), -1))
+        sse_paper = (paper - design).pow(2).sum(1).mean().item()
+        g = _generator(cfg.paper_z_seed + 1 + i, design.device)
+        draws = [(model.generate(conditions, generator=g) - design).pow(2).sum(1).mean().item()
+                 for _ in range(cfg.prior_draws)]
+        rows.append({"sparsity": level, "sse_paper": sse_paper, "sse_prior": float(np.mean(draws)),
+                     "sse_prior_std": float(np.std(draws))})
+    table = pd.DataFrame(rows)
+    mean = {"sparsity": "mean", **{c: table[c].mean() for c in table.columns if c != "sparsity"}}
+    return pd.concat([table.astype({"sparsity": object}), pd.DataFrame([mean])], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- adherence
+
+
+def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarray, schema, seed: int = 0) -> dict:
+    """One random forest per condition, predicting it from a (normalised) design; fitted on real training designs."""
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    predictors = {}
+    for j, cond in enumerate(schema.categorical):
+        token = len(schema.vocabularies[cond.vocabulary])
+        known = cat[:, j] != token
+        if len(np.unique(cat[known, j])) < 2:
+            continue  # nothing to predict
+        clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+        predictors[cond.name] = ("categorical", j, clf.fit(designs[known], cat[known, j]))
+    for j, cond in enumerate(schema.numerical):
+        known = ~np.isnan(num[:, j])
+        reg = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+        predictors[cond.name] = ("numerical", j, reg.fit(designs[known], num[known, j]))
+    return predictors
+
+
+def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray) -> float:
+    if len(truth) == 0:
+        return float("nan")
+    prediction = predictor.predict(designs)
+    if kind == "categorical":
+        return float(np.mean(prediction == truth))
+    from sklearn.metrics import r2_score
+
+    return float(r2_score(truth, prediction)) if len(truth) > 1 else float("nan")
+
+
+@torch.no_grad()
+def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+    """Accuracy (categorical) / R² (numerical) of the condition predictors on real test designs and on designs
+    generated from the test conditions at each sparsity level, scored on the conditions that were not masked."""
+    real = design.cpu().numpy()
+    cat_np, num_np = cat.cpu().numpy(), num.cpu().numpy()
+    rows = {name: {"condition": name, "kind": kind, "metric": "accuracy" if kind == "categorical" else "r2"}
+            for name, (kind, _, _) in predictors.items()}
+    for name, (kind, j, predictor) in predictors.items():
+        truth, known = _truth(kind, j, cat_np, num_np, model)
+        rows[name]["real"] = _score(kind, predictor, real[known], truth[known])
+    g = _generator(cfg.paper_z_seed + 1000, design.device)
+    for i, level in enumerate(cfg.sparsity_levels):
+        conditions = level_masks(model, cat, num, level, _level_seed(cfg, i))
+        generated = model.generate(conditions, generator=g).cpu().numpy()
+        masked_cat = conditions.categorical.cpu().numpy() == model.masking.mask_tokens.cpu().numpy()
+        masked_num = conditions.numerical_mask.cpu().numpy()
+        for name, (kind, j, predictor) in predictors.items():
+            truth, known = _truth(kind, j, cat_np, num_np, model)
+            keep = known & ~(masked_cat[:, j] if kind == "categorical" else masked_num[:, j])
+            rows[name][f"{level:g}"] = _score(kind, predictor, generated[keep], truth[keep])
+    return pd.DataFrame(list(rows.values()))
+
+
+def _truth(kind, j, cat_np, num_np, model):
+    if kind == "categorical":
+        truth = cat_np[:, j]
+        return truth, truth != model.masking.mask_tokens.cpu().numpy()[j]
+    truth = num_np[:, j]
+    return truth, ~np.isnan(truth)
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+def _mean_pairwise_distance(x: torch.Tensor) -> float:
+    n = x.shape[0]
+    if n < 2:
+        return float("nan")
+    d = torch.cdist(x, x)
+    return float(d.sum() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def diversity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+    """Mean pairwise distance of designs generated for the same conditions vs. real designs sharing them.
+
+    Groups: designs with equal categorical conditions and numerical conditions in the same tenth of their range.
+    A collapsed model (one design per condition) scores well on the single-z error but near 0 here.
+    """
+    num_bins = torch.where(torch.isnan(num), torch.full_like(num, -1), torch.floor(num.clamp(0, 1) * 9.999))
+    keys = torch.cat([cat.double(), num_bins.double()], dim=1).cpu().numpy()
+    _, group_of, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    group_of = group_of.reshape(-1)
+    big = [g for g in np.argsort(-counts, kind="stable") if counts[g] >= 2][: cfg.diversity_groups]
+    rows = []
+    g = _generator(cfg.paper_z_seed + 2000, design.device)
+    for group in big:
+        members = np.flatnonzero(group_of == group)[:64]
+        first = int(members[0])
+        none = torch.zeros((cfg.diversity_samples, cat.shape[1]), dtype=torch.bool, device=cat.device)
+        conditions = model.masking.apply(cat[first:first + 1].expand(cfg.diversity_samples, -1),
+                                         num[first:first + 1].expand(cfg.diversity_samples, -1), none,
+                                         torch.zeros((cfg.diversity_samples, num.shape[1]), dtype=torch.bool,
+                                                     device=num.device))
+        generated = model.generate(conditions, generator=g)
+        rows.append({"group_size": int(counts[group]), "real": _mean_pairwise_distance(design[members]),
+                     "generated": _mean_pairwise_distance(generated)})
+    per_group = pd.DataFrame(rows, columns=["group_size", "real", "generated"])
+    overall_generated = model.generate(model.masking.mask_all(min(len(design), 512), device=design.device),
+                                       generator=g)
+    summary = pd.DataFrame([
+        {"comparison": "same conditions (mean over groups)", "groups": len(per_group),
+         "real": per_group["real"].mean() if len(per_group) else float("nan"),
+         "generated": per_group["generated"].mean() if len(per_group) else float("nan")},
+        {"comparison": "all designs (generated: all conditions masked)", "groups": 1,
+         "real": _mean_pairwise_distance(design[:512]), "generated": _mean_pairwise_distance(overall_generated)},
+    ])
+    summary["generated/real"] = summary["generated"] / summary["real"]
+    return summary
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
+                        wandb_run=None, quiet: bool = False) -> dict:
+    """Write eval/{mse_per_sparsity,adherence,diversity}.csv, their plots and summary.json; returns the tables."""
+    from modules import plotting
+
+    cfg = cfg or model.cfg.evaluation
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    device = model.device
+    design, cat, num = (t.to(device) for t in dm.tensors[split])
+    if len(design) == 0:
+        raise ValueError(f"the {split} split is empty; give it a non-zero fraction in data.split")
+    tables = {"mse_per_sparsity": sse_per_sparsity(model, design, cat, num, cfg)}
+    if cfg.adherence:
+        tr_design, tr_cat, tr_num = (t.cpu().numpy() for t in dm.tensors["train"])
+        predictors = fit_condition_predictors(tr_design, tr_cat, tr_num, model.schema, seed=cfg.mask_seed)
+        tables["adherence"] = adherence(model, predictors, design, cat, num, cfg)
+    tables["diversity"] = diversity(model, design, cat, num, cfg)
+    for name, table in tables.items():
+        table.to_csv(out_dir / f"{name}.csv", index=False)
+    figures = {"mse_per_sparsity": plotting.plot_sse_per_sparsity(tables["mse_per_sparsity"], out_dir / "mse_per_sparsity.png")}
+    if "adherence" in tables:
+        figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
+    sse = tables["mse_per_sparsity"].set_index("sparsity")
+    summary = {
+        "split": split, "n_designs": int(len(design)),
+        "sse_paper": {str(k): float(v) for k, v in sse["sse_paper"].items()},
+        "sse_prior": {str(k): float(v) for k, v in sse["sse_prior"].items()},
+        "diversity": tables["diversity"].to_dict(orient="records"),
+    }
+    if "adherence" in tables:
+        summary["adherence"] = tables["adherence"].to_dict(orient="records")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if wandb_run is not None:
+        _log_to_wandb(wandb_run, tables, figures)
+    if not quiet:
+        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+            print(f"\nPer-design SSE (normalised design space) on the {split} split, {len(design)} designs:")
+            print(tables["mse_per_sparsity"].to_string(index=False))
+            if "adherence" in tables:
+                print("\nCondition adherence (accuracy / R² of a predictor fitted on real training designs):")
+                print(tables["adherence"].to_string(index=False))
+            print("\nDiversity (mean pairwise distance, normalised design space):")
+            print(tables["diversity"].to_string(index=False))
+            print(f"\nwritten to {out_dir}")
+    return tables
+
+
+def _log_to_wandb(run, tables: dict, figures: dict) -> None:
+    try:
+        import wandb
+
+        for name, table in tables.items():
+            run.log({f"eval/{name}": wandb.Table(dataframe=table.astype({c: str for c in table.columns[:1]}))})
+        for name, path in figures.items():
+            run.log({f"eval/{name}_plot": wandb.Image(str(path))})
+    except Exception as err:  # W&B never breaks an evaluation
+        print(f"W&B: could not log the evaluation ({err})")

@@ -1,0 +1,169 @@
+"""mcVAE: an MLP VAE over parametric designs whose decoder sees the masked condition embedding."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.base import MaskedConditioningModule
+from modules.conditioning import MaskedConditions
+from modules.config import (ConditioningConfig, DataConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig,
+                            SparsityConfig, TrainerConfig, WandbConfig, build_dataclass)
+from modules.data import MinMaxScaler
+
+ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+@dataclass
+class MCVAEModelConfig:
+    design_embedding_dim: int = 64  # first encoder layer / last decoder layer
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 64, 32])  # encoder; the decoder mirrors it
+    latent_dim: int = 10
+    activation: Literal["selu", "relu", "gelu", "silu", "tanh", "elu"] = "selu"
+    kl_weight: float = 0.7  # loss = (1 - w)·reconstruction + w·KL
+    reconstruction: Literal["sse", "mse"] = "sse"  # sse: summed over features and batch; mse: mean over both
+
+
+@dataclass
+class MCVAERunConfig:
+    model_type: Literal["mcvae"]
+    data: DataConfig
+    model: MCVAEModelConfig = field(default_factory=MCVAEModelConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def mlp(dims: list[int], activation: type[nn.Module], *, last_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or i < len(dims) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per sample, summed over latent dims (Kingma & Welling 2014, App. B)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+class MCVAE(MaskedConditioningModule):
+    """Encoder q(z | x) over the design only; decoder p(x | z, c) on [z, embedded masked conditions]."""
+
+    config_cls = MCVAERunConfig
+    model_type = "mcvae"
+
+    def __init__(self, *, config: dict, schema: dict, design_scaler: dict):
+        super().__init__(config=config, schema=schema)
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # a plain step: Lightning's closure costs more than this MLP's step
+        self.scaler = MinMaxScaler.from_state(design_scaler)
+        m = self.cfg.model
+        act = ACTIVATIONS[m.activation]
+        design_dim = len(self.scaler.columns)
+        enc_dims = [design_dim, m.design_embedding_dim, *m.hidden_dims]
+        self.encoder = mlp(enc_dims, act, last_activation=True)
+        self.to_posterior = nn.Linear(enc_dims[-1], 2 * m.latent_dim)
+        dec_dims = [m.latent_dim + self.embedding.out_dim, *reversed(m.hidden_dims), m.design_embedding_dim]
+        self.decoder = nn.Sequential(mlp(dec_dims, act, last_activation=True),
+                                     nn.Linear(m.design_embedding_dim, design_dim))
+
+    # ------------------------------------------------------------------ model
+    def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.to_posterior(self.encoder(design)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor, conditions: MaskedConditions) -> torch.Tensor:
+        return self.decoder(torch.cat([z, self.embedding(conditions)], dim=1))
+
+    def forward(self, design, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
+        mu, logvar = self.encode(design)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
+        return self.decode(z, conditions), mu, logvar
+
+    def loss(self, design, reconstruction, mu, logvar) -> dict[str, torch.Tensor]:
+        """(1 - w)·rec + w·KL: rec = Σ squared error over batch and features ('sse') or its mean ('mse');
+        KL = batch mean of the per-sample KL (summed over latent dims)."""
+        w = self.cfg.model.kl_weight
+        reduction = "sum" if self.cfg.model.reconstruction == "sse" else "mean"
+        rec = F.mse_loss(reconstruction, design, reduction=reduction)
+        kl = kl_divergence(mu, logvar).mean()
+        return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
+
+    def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        design, cat, num = batch
+        reconstruction, mu, logvar = self(design, self.mask(cat, num, p, generator), generator)
+        return self.loss(design, reconstruction, mu, logvar)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        out = self._step(batch, self.sparsity, self.step_generator(0))
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(out["loss"])
+        if self.cfg.optimizer.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
+        optimizer.step()
+        self.accumulate(out, batch[0].shape[0])
+        return out["loss"]
+
+    def on_train_epoch_end(self):
+        self.log_accumulated("train")
+        self.log("sparsity", float(self.sparsity), on_step=False, on_epoch=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def validation_step(self, batch, batch_idx):
+        out = self._step(batch, self.sparsity, self.step_generator(1 + batch_idx))
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, on_step=False, on_epoch=True,
+                      batch_size=batch[0].shape[0])
+
+    def configure_optimizers(self):
+        o, s = self.cfg.optimizer, self.cfg.lr_scheduler
+        # fused AdamW runs on CPU too and is the fastest implementation for many small tensors
+        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                      fused=True)
+        if s.name == "none":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Normalised designs decoded from z ~ N(0, I) (or the given z) and the masked conditions."""
+        if z is None:
+            z = torch.randn((len(conditions), self.cfg.model.latent_dim), generator=generator, device=self.device)
+        return self.decode(z.to(self.device), conditions)
+
+    @torch.no_grad()
+    def sample(self, conditions: Mapping | pd.DataFrame | None = None, n: int = 1, *,
+               seed: Optional[int] = None) -> pd.DataFrame:
+        """Designs in the original units and column names for any subset of conditions (the rest masked).
+
+        `conditions` is a dict {name: value} (n designs) or a DataFrame (n designs per row; NaN = masked).
+        The returned frame carries the requested conditions as columns after the design columns.
+        """
+        was_training = self.training
+        self.eval()
+        masked, frame = self.conditions_from(conditions, n)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+        designs = self.scaler.inverse(self.generate(masked, generator=generator))
+        self.train(was_training)
+        return pd.concat([designs, frame.reset_index(drop=True)], axis=1)

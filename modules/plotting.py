@@ -1,0 +1,186 @@
+"""Plots: training curves, evaluation tables, and drawings of parametric designs (bikes, profiles, point sets)."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
+    """loss.png (train/val loss and its parts per epoch) and sparsity.png from a Lightning metrics.csv."""
+    metrics = pd.read_csv(metrics_csv)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    per_epoch = metrics.groupby("epoch").mean(numeric_only=True) if "epoch" in metrics else metrics
+    losses = [c for c in per_epoch.columns if c.startswith(("train/", "val/"))]
+    if losses:
+        parts = sorted({c.split("/", 1)[1] for c in losses})
+        fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.4), squeeze=False)
+        for ax, part in zip(axes[0], parts):
+            for split in ("train", "val"):
+                column = f"{split}/{part}"
+                if column in per_epoch:
+                    series = per_epoch[column].dropna()
+                    ax.plot(series.index, series.values, label=split)
+            ax.set_title(part)
+            ax.set_xlabel("epoch")
+            if (per_epoch[[c for c in losses if c.endswith("/" + part)]].min() > 0).all():
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if "sparsity" in per_epoch:
+        series = per_epoch["sparsity"].dropna()
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(series.index, series.values, drawstyle="steps-post")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("sparsity p")
+        ax.set_title("training sparsity")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "sparsity.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_sse_per_sparsity(table: pd.DataFrame, path: Path) -> Path:
+    levels = table[table["sparsity"] != "mean"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    x = levels["sparsity"].astype(float)
+    ax.plot(x, levels["sse_paper"], "o-", label="paper protocol (one shared z)")
+    ax.errorbar(x, levels["sse_prior"], yerr=levels["sse_prior_std"], fmt="s--", capsize=3,
+                label="prior protocol (z per design)")
+    ax.set_xlabel("evaluation sparsity (fraction of conditions masked)")
+    ax.set_ylabel("per-design SSE (normalised)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
+    level_columns = [c for c in table.columns if re.fullmatch(r"[0-9.]+", str(c))]
+    x = [float(c) for c in level_columns]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in table.iterrows():
+        color = f"C{i % 10}"
+        ax.plot(x, row[level_columns].astype(float), "o-", color=color, label=f"{row['condition']} ({row['metric']})")
+        ax.axhline(row["real"], color=color, ls=":", lw=1)
+    ax.set_xlabel("evaluation sparsity")
+    ax.set_ylabel("score on generated designs (dotted: real designs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- designs
+
+BIKE_TUBES = [  # (from, to): BIKED reference points
+    ("BB", "seat_tube_top"),  # seat tube
+    ("top_tube_connect_seat_tube", "top_tube_connect_head_tube"),  # top tube
+    ("BB", "down_tube_connect_head_tube"),  # down tube
+    ("down_tube_connect_head_tube", "head_tube_top"),  # head tube
+    ("rear_wheel_center", "BB"),  # chain stay
+    ("rear_wheel_center", "rear_tube_connect_seat_tube"),  # seat stay
+    ("down_tube_connect_head_tube", "front_fork"),  # fork
+    ("front_fork", "front_wheel_center"),  # fork end
+    ("head_tube_top", "stem_top"),  # stem
+    ("seat_tube_top", "saddle_top"),  # seat post
+]
+
+
+def point_pairs(columns: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(label, x column, y column) for columns named x_NAME/y_NAME or NAME_x/NAME_y, in column order."""
+    pairs, seen = [], set()
+    cols = set(columns)
+    for c in columns:
+        if c.startswith("x_") and "y_" + c[2:] in cols and c[2:] not in seen:
+            pairs.append((c[2:], c, "y_" + c[2:]))
+            seen.add(c[2:])
+        elif c.endswith("_x") and c[:-2] + "_y" in cols and c[:-2] not in seen:
+            pairs.append((c[:-2], c, c[:-2] + "_y"))
+            seen.add(c[:-2])
+    return pairs
+
+
+def draw_bike(ax, row: pd.Series, *, color="k") -> None:
+    """Side view of a BIKED design: wheels as circles of the given diameters, tubes as lines between points."""
+    p = {name: (row[f"x_{name}"], row[f"y_{name}"]) for name, _, _ in point_pairs(row.index)}
+    for center, diameter in (("rear_wheel_center", "Wheel diameter rear"), ("front_wheel_center", "Wheel diameter front")):
+        if center in p and diameter in row:
+            ax.add_patch(plt.Circle(p[center], float(row[diameter]) / 2, fill=False, color=color, lw=1.2))
+    for a, b in BIKE_TUBES:
+        if a in p and b in p:
+            ax.plot([p[a][0], p[b][0]], [p[a][1], p[b][1]], color=color, lw=2, solid_capstyle="round")
+    if "saddle_top" in p:
+        x, y = p["saddle_top"]
+        ax.plot([x - 110, x + 120], [y, y], color=color, lw=3, solid_capstyle="round")
+
+
+def draw_points(ax, row: pd.Series, *, outline_points: Optional[int] = None, color="k") -> None:
+    pairs = point_pairs(row.index)
+    xy = np.array([[row[x], row[y]] for _, x, y in pairs], dtype=float)
+    if outline_points:
+        outline = np.vstack([xy[:outline_points], xy[:1]])
+        ax.plot(outline[:, 0], outline[:, 1], color=color, lw=1.5)
+        ax.plot(xy[outline_points:, 0], xy[outline_points:, 1], "o", color=color, ms=3)
+    else:
+        ax.plot(xy[:, 0], xy[:, 1], "o", color=color, ms=3)
+
+
+def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points: Optional[int] = None,
+                titles: Optional[Sequence[str]] = None, columns: int = 4) -> Path:
+    """Draw each design of `designs` in a grid of equal-aspect panels with one shared scale; write a PNG."""
+    n = len(designs)
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
+    pairs = point_pairs(designs.columns)
+    xs = designs[[x for _, x, _ in pairs]].to_numpy(dtype=float)
+    ys = designs[[y for _, _, y in pairs]].to_numpy(dtype=float)
+    pad = 0.0
+    if style == "bike":
+        pad = float(np.nanmax(designs[[c for c in designs.columns if c.startswith("Wheel diameter")]].to_numpy(dtype=float))) / 2 if any(
+            c.startswith("Wheel diameter") for c in designs.columns) else 0.0
+    xlim = (np.nanmin(xs) - pad, np.nanmax(xs) + pad)
+    ylim = (np.nanmin(ys) - pad, np.nanmax(ys) + pad * 0.2)
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        row = designs.iloc[k]
+        if style == "bike":
+            draw_bike(ax, row)
+        else:
+            draw_points(ax, row, outline_points=outline_points if style == "profile" else None)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_aspect("equal")
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

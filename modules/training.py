@@ -1,0 +1,357 @@
+"""Shared building blocks of the train scripts: CLI, config resolution, run directory, trainer, loggers, callbacks."""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from modules.config import build_dataclass, config_path, read_yaml, to_dict
+from modules.errors import TrainingDiverged, UserError
+from modules.sparsity import SparsitySchedule, SparsityScheduler
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every train script shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cfg_name", help="config file in configs/ without .yaml")
+    p.add_argument("--config", help="path of a YAML config (instead of --cfg_name)")
+    p.add_argument("--name", help="run name (default: the config name); the run directory is <logdir>/<name>_<timestamp>")
+    p.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (offline when there is no network or API key)")
+    p.add_argument("--run_id", help="W&B run id to continue")
+    p.add_argument("--ckpt_path", help="checkpoint to resume the exact run from (weights, optimizer, LR and sparsity schedules, epoch)")
+    p.add_argument("--csv_path", help="override data.csv_path")
+    p.add_argument("--max_epochs", type=int, help="override trainer.max_epochs")
+    p.add_argument("--seed", type=int, help="override trainer.seed (weights, noise and masks; the split has data.split.seed)")
+    p.add_argument("--logdir", default="logs", help="where run directories are created (default: logs/)")
+    p.add_argument("--accelerator", help="override trainer.accelerator (cpu, gpu, auto)")
+    p.add_argument("--devices", help="override trainer.devices (a number or 'auto')")
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end of training")
+    return p
+
+
+def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callable[[Any, str], None] | None = None):
+    """Read the YAML named on the command line, apply the CLI overrides and validate; returns (config, source)."""
+    path = config_path(args.cfg_name, args.config)
+    raw = read_yaml(path)
+    source = str(path)
+    overrides = {
+        ("data", "csv_path"): args.csv_path,
+        ("trainer", "max_epochs"): args.max_epochs,
+        ("trainer", "seed"): args.seed,
+        ("trainer", "accelerator"): args.accelerator,
+        ("trainer", "devices"): _devices(args.devices),
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            if not isinstance(raw.get(section, {}), dict):
+                raise UserError(f"{source}: '{section}' must be a mapping.")
+            raw.setdefault(section, {})[key] = value
+    cfg = build_dataclass(config_cls, raw, source=source)
+    check_common(cfg, source)
+    if check:
+        check(cfg, source)
+    return cfg, source
+
+
+def _devices(value: Optional[str]):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def check_common(cfg, source: str) -> None:
+    """Checks across keys that types alone do not catch."""
+    try:
+        SparsitySchedule.from_config(cfg.sparsity)
+    except ValueError as err:
+        raise UserError(f"{source}: {err}.") from None
+    t = cfg.trainer
+    if t.max_epochs < 1 or t.batch_size < 1:
+        raise UserError(f"{source}: trainer.max_epochs and trainer.batch_size must be ≥ 1.")
+    if cfg.sparsity.interval == "epoch" and cfg.sparsity.target_at >= t.max_epochs:
+        raise UserError(f"{source}: sparsity.target_at = {cfg.sparsity.target_at} lies beyond the end of training "
+                        f"(trainer.max_epochs = {t.max_epochs}); use -1 for the end of training.")
+    for level in cfg.evaluation.sparsity_levels:
+        if not 0.0 <= level <= 1.0:
+            raise UserError(f"{source}: evaluation.sparsity_levels must lie in [0, 1], got {level}.")
+    if not cfg.data.conditions:
+        raise UserError(f"{source}: data.conditions is empty; name at least one condition column.")
+    names = [c.name for c in cfg.data.conditions]
+    overlap = set(names) & set(cfg.data.design_columns)
+    if overlap:
+        raise UserError(f"{source}: column(s) {sorted(overlap)} are both design columns and conditions.")
+    if len(set(names)) != len(names):
+        raise UserError(f"{source}: a condition is listed twice in data.conditions.")
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def make_run_dir(logdir: str, name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(logdir) / f"{name}_{stamp}"
+    run_dir, k = base, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = Path(f"{base}-{k}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_dir_of_checkpoint(ckpt_path: Path) -> Optional[Path]:
+    """<run>/checkpoints/x.ckpt → <run>, when that is a run directory."""
+    candidate = ckpt_path.resolve().parent.parent
+    return candidate if (candidate / "config.yaml").is_file() else None
+
+
+def load_checkpoint_hparams(ckpt_path: str | Path) -> dict:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist. Pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}). "
+                        "It may be truncated or not a checkpoint of this project; use another one.") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hparams or "config" not in hparams:
+        raise UserError(f"checkpoint {path} was not written by this project (it has no stored config).")
+    return hparams
+
+
+def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str) -> None:
+    """A checkpoint resumes only the same model on the same data schema; name what differs."""
+    stored = hparams["config"]
+    current = to_dict(cfg)
+    if stored.get("model_type") != current["model_type"]:
+        raise UserError(f"--ckpt_path {ckpt_path} is a '{stored.get('model_type')}' checkpoint, but {source} configures "
+                        f"a '{current['model_type']}' model. Use a checkpoint of the same model or the matching config.")
+    differences = []
+    for section in ("model", "conditioning"):
+        for key, value in current[section].items():
+            if stored.get(section, {}).get(key) != value:
+                differences.append(f"{section}.{key}: checkpoint {stored.get(section, {}).get(key)!r}, config {value!r}")
+    for key in ("design_columns", "conditions"):
+        if stored["data"].get(key) != current["data"].get(key):
+            differences.append(f"data.{key} differs")
+    if differences:
+        raise UserError(f"--ckpt_path {ckpt_path} was trained with another configuration than {source}: "
+                        + "; ".join(differences[:6]) + ". Resume with the run's own config (<run>/config.yaml) "
+                        "or start a new run.")
+
+
+# --------------------------------------------------------------------------- trainer pieces
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file and rename: a crash never leaves a half-written `last.ckpt`."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training at the first NaN/inf loss, before any checkpoint of the broken weights is written."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at epoch {trainer.current_epoch}, step {trainer.global_step}. "
+                "Training stopped; the last good checkpoint is kept. Lower the learning rate, check the data for "
+                "extreme values, or resume from that checkpoint with other settings.")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (a resumed run appends instead of deleting the history)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing <run>/metrics.csv and appending on resume."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def wandb_mode() -> str:
+    """'online' only with an API key and a reachable server; WANDB_MODE always wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    netrc = Path.home() / ".netrc"
+    if not has_key and netrc.is_file():
+        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not has_key:
+        return "offline"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError:
+        return "offline"
+    return "online"
+
+
+def make_wandb_logger(cfg, run_dir: Path, name: str, run_id: Optional[str]):
+    """A WandbLogger that never blocks a run: offline without network/API key; on any failure, no W&B."""
+    try:
+        import wandb
+        from pytorch_lightning.loggers import WandbLogger
+
+        mode = wandb_mode()
+        logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=name, id=run_id,
+                             resume="allow" if run_id else None, save_dir=str(run_dir), mode=mode,
+                             config=to_dict(cfg), settings=wandb.Settings(init_timeout=60, silent=True))
+        _ = logger.experiment  # start now, so a failure is handled here and not mid-training
+        print(f"W&B: {mode} run {logger.experiment.id}" + (" (sync later with `wandb sync`)" if mode == "offline" else ""))
+        return logger
+    except Exception as err:  # W&B must never stop a training run
+        warnings.warn(f"W&B logging disabled: {type(err).__name__}: {err}")
+        return None
+
+
+@dataclass
+class RunSetup:
+    run_dir: Path
+    checkpoint: ModelCheckpoint
+    trainer: pl.Trainer
+
+
+def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str],
+                  extra_callbacks: list[Callback] = ()) -> RunSetup:
+    t = cfg.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best-epoch={epoch:03d}-val_loss={val/loss:.4f}",
+        monitor="val/loss", mode="min", save_top_k=1, save_last=True, auto_insert_metric_name=False,
+    )
+    loggers: list = [RunCSVLogger(run_dir)]
+    if use_wandb:
+        wandb_logger = make_wandb_logger(cfg, run_dir, name, run_id)
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
+    callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint,
+                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        trainer = pl.Trainer(
+            max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, logger=loggers,
+            callbacks=callbacks, default_root_dir=str(run_dir), check_val_every_n_epoch=t.check_val_every_n_epoch,
+            log_every_n_steps=t.log_every_n_steps, deterministic=True,
+            plugins=[AtomicCheckpointIO()], enable_model_summary=True, num_sanity_val_steps=0,
+        )
+    return RunSetup(run_dir, checkpoint, trainer)
+
+
+def quiet_lightning() -> None:
+    """Hide Lightning's advice that does not apply to tensor-sliced batches."""
+    for pattern in (".*does not have many workers.*", ".*The number of training batches.*",
+                    ".*Experiment logs directory.*", ".*Checkpoint directory .* exists and is not empty.*",
+                    ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def write_config(cfg, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+# --------------------------------------------------------------------------- the training job
+
+
+def train_main(argv, spec) -> int:
+    """Config → run directory → fit (or resume) → plots → evaluation. Shared by every train script."""
+    quiet_lightning()
+    args = common_parser(spec.description).parse_args(argv)
+    cfg, source = load_run_config(args, spec.config_cls)
+    hparams = None
+    if args.ckpt_path:
+        hparams = load_checkpoint_hparams(args.ckpt_path)
+        check_resume_compatible(hparams, cfg, source, args.ckpt_path)
+    name = args.name or args.cfg_name or Path(source).stem
+    run_dir = (run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    dm, model = spec.build(cfg, hparams)
+    write_config(cfg, run_dir)
+    dm.split_frame().to_csv(run_dir / "split.csv", index=False)
+    setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id)
+    print(f"run directory: {run_dir}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path)
+    except TrainingDiverged as err:
+        where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
+        raise TrainingDiverged(f"{err} Last good checkpoint: {where}.") from None
+    if setup.trainer.interrupted:
+        print(f"training interrupted; resume with --ckpt_path {last}")
+        return 130
+    from modules.plotting import plot_training_curves
+
+    for logger in setup.trainer.loggers:
+        logger.save()
+    plots = plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
+    wandb_run = _wandb_run(setup.trainer)
+    if wandb_run is not None:
+        _log_images(wandb_run, {f"plots/{p.stem}": p for p in plots})
+    if not args.no_eval:
+        spec.evaluate(model, dm, run_dir / "eval", split="test", wandb_run=wandb_run)
+    print(f"\ncheckpoints: {last}" + (f" (best: {setup.checkpoint.best_model_path})" if setup.checkpoint.best_model_path else ""))
+    print(f"run directory: {run_dir}")
+    if wandb_run is not None:
+        import wandb
+
+        wandb.finish()
+    return 0
+
+
+def _wandb_run(trainer):
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            return logger.experiment
+    return None
+
+
+def _log_images(run, images: dict) -> None:
+    try:
+        import wandb
+
+        run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+    except Exception as err:
+        print(f"W&B: could not log images ({err})")
