@@ -88,6 +88,7 @@ class TrainerConfig:
     batch_size: int = 128
     seed: int = 42
     check_val_every_n_epoch: int = 1
+    checkpoint_every_n_epochs: int = 1  # last.ckpt (the resume point); always written after the final epoch
     log_every_n_steps: int = 50
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"
@@ -97,6 +98,9 @@ class TrainerConfig:
 @dataclass
 class EvaluationConfig:
     sparsity_levels: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
+    # squared errors on the min-max scale of the whole data file (the authors' normalisation, so the paper's
+    # tables compare) or of the training split (the model's own normalisation)
+    error_scale: Literal["dataset", "train"] = "dataset"
     mask_seed: int = 0
     paper_z_seed: int = 42  # one z shared by every test design, as the authors' evaluation does
     prior_draws: int = 8

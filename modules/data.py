@@ -38,7 +38,8 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
     if missing:
         hints = []
         for name in missing[:5]:
-            close = difflib.get_close_matches(name, frame.columns.astype(str), n=1)
+            same_case = [c for c in frame.columns.astype(str) if c.lower().strip() == name.lower().strip()]
+            close = same_case or difflib.get_close_matches(name, frame.columns.astype(str), n=1)
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise UserError(f"{path}: column{'s' if len(missing) > 1 else ''} {', '.join(hints)} named in the config "
                         f"{'are' if len(missing) > 1 else 'is'} not in the file. Fix data.design_columns / "
@@ -110,26 +111,44 @@ def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.n
 
 
 class MinMaxScaler:
-    """Min-max normalisation of design columns to [0, 1] with training statistics (a constant column keeps span 1)."""
+    """Min-max normalisation of design columns to [0, 1] with training statistics (a constant column keeps span 1).
 
-    def __init__(self, columns: list[str], minimum: list[float], maximum: list[float]):
+    It also keeps the min/max of the whole data file (`dataset_*`): the authors normalise with those, so errors
+    reported "on the paper's scale" are measured there (see `evaluation.error_scale`).
+    """
+
+    def __init__(self, columns: list[str], minimum: list[float], maximum: list[float],
+                 dataset_minimum: Optional[list[float]] = None, dataset_maximum: Optional[list[float]] = None):
         self.columns = list(columns)
         self.minimum = np.asarray(minimum, dtype=np.float64)
         self.maximum = np.asarray(maximum, dtype=np.float64)
-        span = self.maximum - self.minimum
-        self.span = np.where(span > 0, span, 1.0)
+        self.span = _span(self.minimum, self.maximum)
+        self.dataset_minimum = np.asarray(dataset_minimum if dataset_minimum is not None else minimum, dtype=np.float64)
+        self.dataset_maximum = np.asarray(dataset_maximum if dataset_maximum is not None else maximum, dtype=np.float64)
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, columns: list[str]) -> "MinMaxScaler":
-        values = frame[columns].to_numpy(dtype=np.float64)
-        return cls(columns, values.min(axis=0).tolist(), values.max(axis=0).tolist())
+    def fit(cls, train: pd.DataFrame, columns: list[str], dataset: Optional[pd.DataFrame] = None) -> "MinMaxScaler":
+        values = train[columns].to_numpy(dtype=np.float64)
+        full = (dataset if dataset is not None else train)[columns].to_numpy(dtype=np.float64)
+        return cls(columns, values.min(axis=0).tolist(), values.max(axis=0).tolist(),
+                   full.min(axis=0).tolist(), full.max(axis=0).tolist())
 
     def state_dict(self) -> dict:
-        return {"columns": self.columns, "minimum": self.minimum.tolist(), "maximum": self.maximum.tolist()}
+        return {"columns": self.columns, "minimum": self.minimum.tolist(), "maximum": self.maximum.tolist(),
+                "dataset_minimum": self.dataset_minimum.tolist(), "dataset_maximum": self.dataset_maximum.tolist()}
 
     @classmethod
     def from_state(cls, state: dict) -> "MinMaxScaler":
-        return cls(state["columns"], state["minimum"], state["maximum"])
+        return cls(state["columns"], state["minimum"], state["maximum"], state.get("dataset_minimum"),
+                   state.get("dataset_maximum"))
+
+    def error_weights(self, scale: str) -> torch.Tensor:
+        """Per-column weights that turn squared errors in this normalisation into squared errors on `scale`
+        ('train': this normalisation; 'dataset': min-max over the whole data file, the authors' scale)."""
+        if scale == "train":
+            return torch.ones(len(self.columns))
+        ratio = self.span / _span(self.dataset_minimum, self.dataset_maximum)
+        return torch.from_numpy(ratio**2).float()
 
     def transform(self, frame: pd.DataFrame) -> torch.Tensor:
         values = frame[self.columns].to_numpy(dtype=np.float64)
@@ -138,6 +157,11 @@ class MinMaxScaler:
     def inverse(self, normalised: torch.Tensor) -> pd.DataFrame:
         values = normalised.detach().cpu().double().numpy() * self.span + self.minimum
         return pd.DataFrame(values, columns=self.columns)
+
+
+def _span(minimum: np.ndarray, maximum: np.ndarray) -> np.ndarray:
+    span = maximum - minimum
+    return np.where(span > 0, span, 1.0)
 
 
 # --------------------------------------------------------------------------- batching
@@ -195,7 +219,7 @@ class ParametricDataModule(pl.LightningDataModule):
         # a checkpoint brings its own fitted schema and scaler (evaluation, sampling, resume)
         self.schema = schema or ConditionSchema.fit(cfg.conditions, train, fixed_vocabularies=cfg.vocabularies,
                                                     source=str(self.csv_path))
-        self.scaler = scaler or MinMaxScaler.fit(train, list(cfg.design_columns))
+        self.scaler = scaler or MinMaxScaler.fit(train, list(cfg.design_columns), dataset=self.frame)
         self.tensors = {name: self._encode(self.frame[self.assignment == name]) for name in SPLITS}
         self.device = torch.device("cpu")
 

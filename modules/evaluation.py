@@ -30,21 +30,25 @@ def _level_seed(cfg: EvaluationConfig, i: int) -> int:
 
 @torch.no_grad()
 def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
-    """Mean per-design Σ squared error in the normalised design space at each sparsity level.
+    """Mean per-design Σ squared error in the min-max normalised design space (`cfg.error_scale`) per sparsity level.
 
     `paper`: one z ~ N(0, I) (seed `paper_z_seed`) shared by every design, as the authors' evaluation;
     `prior`: a fresh z per design, averaged over `prior_draws` draws.
     """
     latent = model.cfg.model.latent_dim
+    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
+
+    def sse(generated: torch.Tensor) -> float:
+        return ((generated - design).pow(2) * weights).sum(1).mean().item()
+
     z_paper = torch.randn((1, latent), generator=_generator(cfg.paper_z_seed, design.device), device=design.device)
     rows = []
     for i, level in enumerate(cfg.sparsity_levels):
         conditions = level_masks(model, cat, num, level, _level_seed(cfg, i))
         paper = model.generate(conditions, z=z_paper.expand(len(design), -1))
-        sse_paper = (paper - design).pow(2).sum(1).mean().item()
+        sse_paper = sse(paper)
         g = _generator(cfg.paper_z_seed + 1 + i, design.device)
-        draws = [(model.generate(conditions, generator=g) - design).pow(2).sum(1).mean().item()
-                 for _ in range(cfg.prior_draws)]
+        draws = [sse(model.generate(conditions, generator=g)) for _ in range(cfg.prior_draws)]
         rows.append({"sparsity": level, "sse_paper": sse_paper, "sse_prior": float(np.mean(draws)),
                      "sse_prior_std": float(np.std(draws))})
     table = pd.DataFrame(rows)
@@ -208,7 +212,8 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         _log_to_wandb(wandb_run, tables, figures)
     if not quiet:
         with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-            print(f"\nPer-design SSE (normalised design space) on the {split} split, {len(design)} designs:")
+            print(f"\nPer-design SSE (min-max scale of the {'whole data file' if cfg.error_scale == 'dataset' else 'training split'})"
+                  f" on the {split} split, {len(design)} designs:")
             print(tables["mse_per_sparsity"].to_string(index=False))
             if "adherence" in tables:
                 print("\nCondition adherence (accuracy / R² of a predictor fitted on real training designs):")

@@ -26,8 +26,13 @@ class MCVAEModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [128, 64, 32])  # encoder; the decoder mirrors it
     latent_dim: int = 10
     activation: Literal["selu", "relu", "gelu", "silu", "tanh", "elu"] = "selu"
+    # lecun: N(0, 1/fan_in) weights, zero biases, which SELU's self-normalisation assumes (Klambauer et al. 2017,
+    # Sec. 3); pytorch: nn.Linear's default uniform init
+    init: Literal["lecun", "pytorch"] = "lecun"
     kl_weight: float = 0.7  # loss = (1 - w)·reconstruction + w·KL
-    reconstruction: Literal["sse", "mse"] = "sse"  # sse: summed over features and batch; mse: mean over both
+    # sse: Σ squared error over features and batch; sse_per_design: Σ over features, mean over the batch;
+    # mse: mean over both. The KL term is always the batch mean of the per-design KL.
+    reconstruction: Literal["sse", "sse_per_design", "mse"] = "sse"
 
 
 @dataclass
@@ -51,6 +56,14 @@ def mlp(dims: list[int], activation: type[nn.Module], *, last_activation: bool) 
         if last_activation or i < len(dims) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+def lecun_normal_(module: nn.Module) -> None:
+    """N(0, 1/fan_in) weights and zero biases for every Linear in `module`."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            nn.init.zeros_(layer.bias)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -78,6 +91,9 @@ class MCVAE(MaskedConditioningModule):
         dec_dims = [m.latent_dim + self.embedding.out_dim, *reversed(m.hidden_dims), m.design_embedding_dim]
         self.decoder = nn.Sequential(mlp(dec_dims, act, last_activation=True),
                                      nn.Linear(m.design_embedding_dim, design_dim))
+        if m.init == "lecun":
+            for module in (self.encoder, self.to_posterior, self.decoder):
+                lecun_normal_(module)
 
     # ------------------------------------------------------------------ model
     def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +110,14 @@ class MCVAE(MaskedConditioningModule):
         return self.decode(z, conditions), mu, logvar
 
     def loss(self, design, reconstruction, mu, logvar) -> dict[str, torch.Tensor]:
-        """(1 - w)·rec + w·KL: rec = Σ squared error over batch and features ('sse') or its mean ('mse');
-        KL = batch mean of the per-sample KL (summed over latent dims)."""
+        """(1 - w)·rec + w·KL with KL = batch mean of the per-design KL (summed over latent dims) and rec the squared
+        error summed over batch and features ('sse'), summed over features and averaged over the batch
+        ('sse_per_design') or averaged over both ('mse')."""
         w = self.cfg.model.kl_weight
-        reduction = "sum" if self.cfg.model.reconstruction == "sse" else "mean"
-        rec = F.mse_loss(reconstruction, design, reduction=reduction)
+        mode = self.cfg.model.reconstruction
+        rec = F.mse_loss(reconstruction, design, reduction="sum" if mode != "mse" else "mean")
+        if mode == "sse_per_design":
+            rec = rec / design.shape[0]
         kl = kl_divergence(mu, logvar).mean()
         return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
 

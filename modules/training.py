@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -87,8 +87,10 @@ def check_common(cfg, source: str) -> None:
     if t.max_epochs < 1 or t.batch_size < 1:
         raise UserError(f"{source}: trainer.max_epochs and trainer.batch_size must be ≥ 1.")
     if cfg.sparsity.interval == "epoch" and cfg.sparsity.target_at >= t.max_epochs:
-        raise UserError(f"{source}: sparsity.target_at = {cfg.sparsity.target_at} lies beyond the end of training "
-                        f"(trainer.max_epochs = {t.max_epochs}); use -1 for the end of training.")
+        # allowed (a short run that a resume will extend), but said out loud
+        warnings.warn(f"{source}: sparsity.target_at = {cfg.sparsity.target_at} lies beyond the end of training "
+                      f"(trainer.max_epochs = {t.max_epochs}): this run stops before the sparsity reaches "
+                      f"{cfg.sparsity.target}. Use -1 for the end of training.", stacklevel=2)
     for level in cfg.evaluation.sparsity_levels:
         if not 0.0 <= level <= 1.0:
             raise UserError(f"{source}: evaluation.sparsity_levels must lie in [0, 1], got {level}.")
@@ -175,6 +177,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class LastCheckpoint(Checkpoint):
+    """Writes <run>/checkpoints/last.ckpt every N epochs and at the end: the file `--ckpt_path` resumes from.
+
+    A `Checkpoint` subclass, so Lightning calls it after the module's `on_train_epoch_end` (LR step included).
+    """
+
+    def __init__(self, path: Path, every_n_epochs: int = 1):
+        self.path = Path(path)
+        self.every_n_epochs = max(1, every_n_epochs)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs or trainer.should_stop:
+            trainer.save_checkpoint(self.path)
+
+
 class NonFiniteLossGuard(Callback):
     """Stops training at the first NaN/inf loss, before any checkpoint of the broken weights is written."""
 
@@ -259,14 +277,15 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-epoch={epoch:03d}-val_loss={val/loss:.4f}",
-        monitor="val/loss", mode="min", save_top_k=1, save_last=True, auto_insert_metric_name=False,
+        monitor="val/loss", mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
     )
+    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_epochs=t.checkpoint_every_n_epochs)
     loggers: list = [RunCSVLogger(run_dir)]
     if use_wandb:
         wandb_logger = make_wandb_logger(cfg, run_dir, name, run_id)
         if wandb_logger is not None:
             loggers.append(wandb_logger)
-    callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint,
+    callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint, last,
                  TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
@@ -315,7 +334,7 @@ def train_main(argv, spec) -> int:
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path)
+        setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
     except TrainingDiverged as err:
         where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
         raise TrainingDiverged(f"{err} Last good checkpoint: {where}.") from None
@@ -355,3 +374,16 @@ def _log_images(run, images: dict) -> None:
         run.log({k: wandb.Image(str(v)) for k, v in images.items()})
     except Exception as err:
         print(f"W&B: could not log images ({err})")
+
+
+def check_saved_split(dm, split_csv: Path) -> None:
+    """The data and split of a run must be the ones it was trained on; a changed CSV is an error, not a silent mix."""
+    if not split_csv.is_file():
+        return
+    import pandas as pd
+
+    saved = pd.read_csv(split_csv)
+    now = dm.split_frame()
+    if len(saved) != len(now) or (saved["split"].to_numpy() != now["split"].to_numpy()).any():
+        raise UserError(f"the data file {dm.csv_path} no longer matches the run's split ({split_csv}): rows were added, "
+                        "removed or reordered since training. Use the data the run was trained on (--csv_path).")

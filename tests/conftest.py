@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny configs over slices of the real data sets (linked into data/ by .ci/run)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIKED = ROOT / "data" / "biked" / "df_parameters_final.csv"
+CARS = ROOT / "data" / "cars" / "cars.csv"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: link the data sets first (ln -s ../shared/data/biked data/biked, see README)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def biked_frame() -> pd.DataFrame:
+    return pd.read_csv(_require(BIKED))
+
+
+@pytest.fixture
+def biked_slice(tmp_path, biked_frame) -> Path:
+    """The first 400 BIKED designs as their own CSV."""
+    path = tmp_path / "biked_slice.csv"
+    biked_frame.head(400).to_csv(path, index=False)
+    return path
+
+
+def write_config(tmp_path: Path, base: str, **sections) -> Path:
+    """configs/<base>.yaml with `sections` merged in (a dict per section), written to tmp_path."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    path = tmp_path / f"{base}_test.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_biked_config(tmp_path, biked_slice) -> Path:
+    """The BIKED config on a 400-design slice: 2 epochs, validation and checkpoints every epoch, quick evaluation."""
+    return write_config(
+        tmp_path, "mcvae_biked",
+        data={"csv_path": str(biked_slice)},
+        trainer={"max_epochs": 2, "check_val_every_n_epoch": 1, "checkpoint_every_n_epochs": 1, "batch_size": 64},
+        evaluation={"prior_draws": 2, "diversity_groups": 5, "diversity_samples": 4},
+    )
