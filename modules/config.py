@@ -52,7 +52,7 @@ class DataConfig:
 @dataclass
 class ConditioningConfig:
     embedding_dim: int = 5  # per condition; the condition vector has n_conditions * embedding_dim entries
-    numerical_mask: Literal["sentinel", "learned"] = "sentinel"
+    numerical_mask: Literal["sentinel", "learned"] = "learned"  # README, "Masking numerical conditions"
     sentinel: float = -1.0  # value of a masked numerical condition after min-max normalisation to [0, 1]
 
 

@@ -69,11 +69,11 @@ def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarr
         known = cat[:, j] != token
         if len(np.unique(cat[known, j])) < 2:
             continue  # nothing to predict
-        clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+        clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
         predictors[cond.name] = ("categorical", j, clf.fit(designs[known], cat[known, j]))
     for j, cond in enumerate(schema.numerical):
         known = ~np.isnan(num[:, j])
-        reg = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+        reg = RandomForestRegressor(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
         predictors[cond.name] = ("numerical", j, reg.fit(designs[known], num[known, j]))
     return predictors
 

@@ -16,6 +16,7 @@ from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, DataConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig,
                             SparsityConfig, TrainerConfig, WandbConfig, build_dataclass)
 from modules.data import MinMaxScaler
+from modules.ema import EMA
 
 ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
@@ -29,10 +30,13 @@ class MCVAEModelConfig:
     # lecun: N(0, 1/fan_in) weights, zero biases, which SELU's self-normalisation assumes (Klambauer et al. 2017,
     # Sec. 3); pytorch: nn.Linear's default uniform init
     init: Literal["lecun", "pytorch"] = "lecun"
+    # keep an exponential moving average of the generative path (condition embedding + decoder) for
+    # evaluation and sampling; null = use the trained weights as they are
+    ema_decay: Optional[float] = 0.999
     kl_weight: float = 0.7  # loss = (1 - w)·reconstruction + w·KL
     # sse: Σ squared error over features and batch; sse_per_design: Σ over features, mean over the batch;
     # mse: mean over both. The KL term is always the batch mean of the per-design KL.
-    reconstruction: Literal["sse", "sse_per_design", "mse"] = "sse"
+    reconstruction: Literal["sse", "sse_per_design", "mse"] = "sse_per_design"
 
 
 @dataclass
@@ -94,14 +98,20 @@ class MCVAE(MaskedConditioningModule):
         if m.init == "lecun":
             for module in (self.encoder, self.to_posterior, self.decoder):
                 lecun_normal_(module)
+        self.ema = EMA(self._generative_path(), decay=m.ema_decay) if m.ema_decay else None
+
+    def _generative_path(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"embedding": self.embedding, "decoder": self.decoder})
 
     # ------------------------------------------------------------------ model
     def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.to_posterior(self.encoder(design)).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor, conditions: MaskedConditions) -> torch.Tensor:
-        return self.decoder(torch.cat([z, self.embedding(conditions)], dim=1))
+    def decode(self, z: torch.Tensor, conditions: MaskedConditions, *, averaged: bool = False) -> torch.Tensor:
+        """p(x | z, c); `averaged` uses the EMA weights when the model keeps them."""
+        path = self.ema.shadow if averaged and self.ema is not None else self._generative_path()
+        return path["decoder"](torch.cat([z, path["embedding"](conditions)], dim=1))
 
     def forward(self, design, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
         mu, logvar = self.encode(design)
@@ -135,6 +145,8 @@ class MCVAE(MaskedConditioningModule):
         if self.cfg.optimizer.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
         optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self._generative_path())
         self.accumulate(out, batch[0].shape[0])
         return out["loss"]
 
@@ -165,10 +177,11 @@ class MCVAE(MaskedConditioningModule):
     @torch.no_grad()
     def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Normalised designs decoded from z ~ N(0, I) (or the given z) and the masked conditions."""
+        """Normalised designs decoded from z ~ N(0, I) (or the given z) and the masked conditions (EMA weights
+        when the model keeps them)."""
         if z is None:
             z = torch.randn((len(conditions), self.cfg.model.latent_dim), generator=generator, device=self.device)
-        return self.decode(z.to(self.device), conditions)
+        return self.decode(z.to(self.device), conditions, averaged=True)
 
     @torch.no_grad()
     def sample(self, conditions: Mapping | pd.DataFrame | None = None, n: int = 1, *,

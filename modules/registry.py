@@ -44,7 +44,11 @@ def _load_mcvae(ckpt_path: str | Path, csv_path: Optional[str] = None, *, with_d
     from modules.training import load_checkpoint_hparams
 
     hparams = load_checkpoint_hparams(ckpt_path)
-    model = MCVAE.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
+    try:
+        model = MCVAE.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, UserError) as err:
+        raise UserError(f"checkpoint {ckpt_path} does not fit this version's mcVAE ({str(err).splitlines()[0][:300]} "
+                        f"…). It was written by another version of the code; retrain or check out that version.") from None
     model.eval()
     if not with_data:
         return None, model

@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,6 +334,8 @@ def train_main(argv, spec) -> int:
     setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id)
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
+    started = time.perf_counter()
+    start_epoch = _checkpoint_epoch(args.ckpt_path)
     try:
         setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
     except TrainingDiverged as err:
@@ -341,6 +344,9 @@ def train_main(argv, spec) -> int:
     if setup.trainer.interrupted:
         print(f"training interrupted; resume with --ckpt_path {last}")
         return 130
+    seconds = time.perf_counter() - started
+    epochs = setup.trainer.current_epoch - start_epoch
+    print(f"trained {epochs} epochs in {seconds:.1f} s ({seconds / max(epochs, 1):.3f} s/epoch)")
     from modules.plotting import plot_training_curves
 
     for logger in setup.trainer.loggers:
@@ -358,6 +364,13 @@ def train_main(argv, spec) -> int:
 
         wandb.finish()
     return 0
+
+
+def _checkpoint_epoch(ckpt_path: Optional[str]) -> int:
+    """Epochs already done by the checkpoint a run resumes from (0 for a fresh run)."""
+    if not ckpt_path:
+        return 0
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
 
 
 def _wandb_run(trainer):

@@ -1,0 +1,42 @@
+"""Exponential moving average of a module's weights (Polyak & Juditsky 1992), kept as a frozen copy."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """θ_ema ← d·θ_ema + (1 − d)·θ after every optimizer step, with the warm-up d = min(decay, (1 + n)/(10 + n))
+    so that short runs are not dominated by the initial weights; the copy is saved with the model."""
+
+    def __init__(self, module: nn.Module, *, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).requires_grad_(False).eval()
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.updates)
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        decay = self.current_decay()
+        shadow = [p for p in self.shadow.parameters()]
+        live = [p.detach() for p in module.parameters()]
+        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+        self.updates += 1
+        for s, b in zip(self.shadow.buffers(), module.buffers()):
+            s.copy_(b)
+
+    def forward(self, *args, **kwargs):
+        return self.shadow(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.shadow.eval()  # the average is only ever used for inference
+        return self
