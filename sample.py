@@ -61,7 +61,8 @@ def main(argv=None):
         data_cfg = model.cfg.data
         style = data_cfg.plot_style if data_cfg.plot_style != "none" else "points"
         path = design_grid(designs[model.scaler.columns], Path(args.plot), style=style,
-                           outline_points=data_cfg.outline_points, titles=[f"#{i}" for i in range(args.n)])
+                           outline_points=data_cfg.outline_points, titles=[f"#{i}" for i in range(args.n)],
+                           suptitle=asked)
         print(f"drawing → {path}")
     return 0
 

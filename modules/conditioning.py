@@ -61,8 +61,8 @@ class ConditionSchema:
 
     # -- construction
     @classmethod
-    def fit(cls, specs: Sequence[ConditionSpec], frame: pd.DataFrame, *, fixed_vocabularies: Mapping[str, list] = {},
-            source: str = "config"):
+    def fit(cls, specs: Sequence[ConditionSpec], frame: pd.DataFrame, *,
+            fixed_vocabularies: Optional[Mapping[str, list]] = None, source: str = "config"):
         """Vocabularies from the config (fixed order) or the sorted training values; numerical min/max from `frame`."""
         fitted, vocabularies = [], {}
         members: dict[str, list[str]] = {}
@@ -83,6 +83,7 @@ class ConditionSchema:
                         raise UserError(f"{source}: conditions sharing vocabulary '{vocab_name}' list different categories.")
                     vocabularies[vocab_name] = listed
                 fitted.append(FittedCondition(spec.name, "categorical", vocabulary=vocab_name))
+        fixed_vocabularies = fixed_vocabularies or {}
         for vocab_name, columns in members.items():
             if vocab_name in fixed_vocabularies:
                 vocabularies[vocab_name] = [canonical_category(v) for v in fixed_vocabularies[vocab_name]]

@@ -149,11 +149,10 @@ def diversity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
     for group in big:
         members = np.flatnonzero(group_of == group)[:64]
         first = int(members[0])
-        none = torch.zeros((cfg.diversity_samples, cat.shape[1]), dtype=torch.bool, device=cat.device)
-        conditions = model.masking.apply(cat[first:first + 1].expand(cfg.diversity_samples, -1),
-                                         num[first:first + 1].expand(cfg.diversity_samples, -1), none,
-                                         torch.zeros((cfg.diversity_samples, num.shape[1]), dtype=torch.bool,
-                                                     device=num.device))
+        cat_rep = cat[first:first + 1].expand(cfg.diversity_samples, -1)
+        num_rep = num[first:first + 1].expand(cfg.diversity_samples, -1)
+        conditions = model.masking.apply(cat_rep, num_rep, torch.zeros_like(cat_rep, dtype=torch.bool),
+                                         torch.zeros_like(num_rep, dtype=torch.bool))
         generated = model.generate(conditions, generator=g)
         rows.append({"group_size": int(counts[group]), "real": _mean_pairwise_distance(design[members]),
                      "generated": _mean_pairwise_distance(generated)})

@@ -25,7 +25,8 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
     per_epoch = metrics.groupby("epoch").mean(numeric_only=True) if "epoch" in metrics else metrics
     losses = [c for c in per_epoch.columns if c.startswith(("train/", "val/"))]
     if losses:
-        parts = sorted({c.split("/", 1)[1] for c in losses})
+        found = {c.split("/", 1)[1] for c in losses}
+        parts = [p for p in ("loss", "reconstruction", "kl") if p in found] + sorted(found - {"loss", "reconstruction", "kl"})
         fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.4), squeeze=False)
         for ax, part in zip(axes[0], parts):
             for split in ("train", "val"):
@@ -151,7 +152,7 @@ def draw_points(ax, row: pd.Series, *, outline_points: Optional[int] = None, col
 
 
 def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points: Optional[int] = None,
-                titles: Optional[Sequence[str]] = None, columns: int = 4) -> Path:
+                titles: Optional[Sequence[str]] = None, columns: int = 4, suptitle: Optional[str] = None) -> Path:
     """Draw each design of `designs` in a grid of equal-aspect panels with one shared scale; write a PNG."""
     n = len(designs)
     columns = max(1, min(columns, n))
@@ -180,6 +181,8 @@ def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points
         ax.set_aspect("equal")
         if titles is not None:
             ax.set_title(titles[k], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

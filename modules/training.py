@@ -126,6 +126,12 @@ def run_dir_of_checkpoint(ckpt_path: Path) -> Optional[Path]:
 
 
 def load_checkpoint_hparams(ckpt_path: str | Path) -> dict:
+    """The stored config, schema and scaler of a checkpoint of this project (a clear error for anything else)."""
+    return read_checkpoint(ckpt_path)["hyper_parameters"]
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A whole checkpoint, loaded with weights_only=True; a `UserError` for a missing, truncated or foreign file."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist. Pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt).")
@@ -137,7 +143,7 @@ def load_checkpoint_hparams(ckpt_path: str | Path) -> dict:
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "config" not in hparams:
         raise UserError(f"checkpoint {path} was not written by this project (it has no stored config).")
-    return hparams
+    return ckpt
 
 
 def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str) -> None:
@@ -303,7 +309,8 @@ def quiet_lightning() -> None:
     """Hide Lightning's advice that does not apply to tensor-sliced batches."""
     for pattern in (".*does not have many workers.*", ".*The number of training batches.*",
                     ".*Experiment logs directory.*", ".*Checkpoint directory .* exists and is not empty.*",
-                    ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+                    ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+                    ".*module\\(s\\) in eval mode at the start of training.*"):  # the EMA copy, on purpose
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -319,9 +326,10 @@ def train_main(argv, spec) -> int:
     quiet_lightning()
     args = common_parser(spec.description).parse_args(argv)
     cfg, source = load_run_config(args, spec.config_cls)
-    hparams = None
+    hparams, start_epoch = None, 0
     if args.ckpt_path:
-        hparams = load_checkpoint_hparams(args.ckpt_path)
+        resume_from = read_checkpoint(args.ckpt_path)
+        hparams, start_epoch = resume_from["hyper_parameters"], int(resume_from.get("epoch", -1)) + 1
         check_resume_compatible(hparams, cfg, source, args.ckpt_path)
     name = args.name or args.cfg_name or Path(source).stem
     run_dir = (run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
@@ -329,13 +337,14 @@ def train_main(argv, spec) -> int:
         torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm, model = spec.build(cfg, hparams)
+    if args.ckpt_path:
+        check_saved_split(dm, run_dir / "split.csv")
     write_config(cfg, run_dir)
     dm.split_frame().to_csv(run_dir / "split.csv", index=False)
     setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id)
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
-    start_epoch = _checkpoint_epoch(args.ckpt_path)
     try:
         setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
     except TrainingDiverged as err:
@@ -364,13 +373,6 @@ def train_main(argv, spec) -> int:
 
         wandb.finish()
     return 0
-
-
-def _checkpoint_epoch(ckpt_path: Optional[str]) -> int:
-    """Epochs already done by the checkpoint a run resumes from (0 for a fresh run)."""
-    if not ckpt_path:
-        return 0
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
 
 
 def _wandb_run(trainer):
