@@ -57,10 +57,11 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
         if spec.kind == "numerical":
             values = pd.to_numeric(frame[spec.name], errors="coerce")
             non_numeric = values.isna() & frame[spec.name].notna()
-            if non_numeric.any():
-                r = int(np.flatnonzero(non_numeric.to_numpy())[0])
-                raise UserError(f"{path}: numerical condition '{spec.name}' has a non-numeric value "
-                                f"{frame[spec.name].iloc[r]!r} (row {r + 2}). Fix it, leave the cell empty "
+            infinite = np.isinf(values.to_numpy(dtype=np.float64, na_value=np.nan))
+            if non_numeric.any() or infinite.any():
+                r = int(np.flatnonzero(non_numeric.to_numpy() | infinite)[0])
+                raise UserError(f"{path}: numerical condition '{spec.name}' has the value {frame[spec.name].iloc[r]!r} "
+                                f"(row {r + 2}), which is not a finite number. Fix it, leave the cell empty "
                                 f"(= missing, masked), or declare the condition categorical.")
             frame[spec.name] = values.astype(np.float64)
     return frame
@@ -215,6 +216,11 @@ class ParametricDataModule(pl.LightningDataModule):
         self.seed = seed
         self.frame = read_table(self.csv_path, cfg)
         self.assignment = split_rows(self.frame, cfg, cfg.split)
+        sizes = {name: int((self.assignment == name).sum()) for name in SPLITS}
+        if sizes["train"] == 0 or (cfg.split.test > 0 and sizes["test"] == 0):
+            raise UserError(f"{self.csv_path}: {len(self.frame)} designs split {cfg.split.train}/{cfg.split.val}/"
+                            f"{cfg.split.test} leave {sizes} rows per split; the training and test splits need at "
+                            "least one design each. Add data or change data.split.")
         train = self.frame[self.assignment == "train"]
         # a checkpoint brings its own fitted schema and scaler (evaluation, sampling, resume)
         self.schema = schema or ConditionSchema.fit(cfg.conditions, train, fixed_vocabularies=cfg.vocabularies,
@@ -227,6 +233,10 @@ class ParametricDataModule(pl.LightningDataModule):
         design = self.scaler.transform(part)
         cat, num = self.schema.encode(part, source=str(self.csv_path))
         return design, cat, num
+
+    @property
+    def has_validation(self) -> bool:
+        return len(self.tensors["val"][0]) > 0
 
     def split_frame(self) -> pd.DataFrame:
         """Row number, id (if configured) and split of every row: saved as split.csv in the run directory."""

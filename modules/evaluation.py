@@ -11,6 +11,7 @@ import torch
 
 from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
+from modules.errors import UserError
 
 
 def _generator(seed: int, device) -> torch.Generator:
@@ -185,7 +186,8 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
     device = model.device
     design, cat, num = (t.to(device) for t in dm.tensors[split])
     if len(design) == 0:
-        raise ValueError(f"the {split} split is empty; give it a non-zero fraction in data.split")
+        raise UserError(f"the {split} split is empty; give it a non-zero fraction in data.split or evaluate "
+                        "another --split.")
     tables = {"mse_per_sparsity": sse_per_sparsity(model, design, cat, num, cfg)}
     if cfg.adherence:
         tr_design, tr_cat, tr_num = (t.cpu().numpy() for t in dm.tensors["train"])

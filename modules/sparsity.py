@@ -129,3 +129,43 @@ def plot_schedule(schedules: dict[str, SparsitySchedule] | SparsitySchedule, tot
     ax.set_title(title or "sparsity schedule")
     fig.tight_layout()
     return fig
+
+
+def main(argv=None) -> int:
+    """`python -m modules.sparsity --cfg_name mcvae_biked --out schedule.png [--compare]`: draw a config's schedule."""
+    import argparse
+    from pathlib import Path
+
+    from modules.config import build_dataclass, config_path, read_yaml
+
+    p = argparse.ArgumentParser(description="Plot the sparsity schedule of a config (or all five schedules).")
+    p.add_argument("--cfg_name", help="config in configs/ without .yaml")
+    p.add_argument("--config", help="path of a YAML config")
+    p.add_argument("--out", default="sparsity_schedule.png", help="PNG file to write")
+    p.add_argument("--compare", action="store_true", help="draw all five schedules between the config's endpoints")
+    args = p.parse_args(argv)
+    path = config_path(args.cfg_name, args.config)
+    raw = read_yaml(path)
+    try:
+        cfg = SparsitySchedule.from_config(build_dataclass(SparsityConfig, raw.get("sparsity", {}), source=str(path),
+                                                           prefix="sparsity."))
+    except ValueError as err:
+        from modules.errors import UserError
+
+        raise UserError(f"{path}: {err}.") from None
+    total = raw.get("trainer", {}).get("max_epochs", 500)
+    if cfg.interval == "step":
+        print("interval: step — the x axis counts optimizer steps; using max_epochs as the number of steps")
+    schedules = ({k: SparsitySchedule(**{**asdict(cfg), "schedule": k}) for k in SCHEDULES} if args.compare
+                 else {cfg.schedule: cfg})
+    fig = plot_schedule(schedules, total, title=f"sparsity schedule{'s' if args.compare else ''}: "
+                                                f"{cfg.initial} → {cfg.end}")
+    fig.savefig(Path(args.out), dpi=110)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from modules.errors import cli_entry
+
+    raise SystemExit(cli_entry(main)())

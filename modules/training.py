@@ -264,8 +264,9 @@ def make_wandb_logger(cfg, run_dir: Path, name: str, run_id: Optional[str]):
         logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=name, id=run_id,
                              resume="allow" if run_id else None, save_dir=str(run_dir), mode=mode,
                              config=to_dict(cfg), settings=wandb.Settings(init_timeout=60, silent=True))
-        _ = logger.experiment  # start now, so a failure is handled here and not mid-training
-        print(f"W&B: {mode} run {logger.experiment.id}" + (" (sync later with `wandb sync`)" if mode == "offline" else ""))
+        run = logger.experiment  # start now, so a failure is handled here and not mid-training
+        hint = f" (upload later: wandb sync {Path(run.dir).parent})" if mode == "offline" else ""
+        print(f"W&B: {mode} run {run.id}{hint}")
         return logger
     except Exception as err:  # W&B must never stop a training run
         warnings.warn(f"W&B logging disabled: {type(err).__name__}: {err}")
@@ -279,12 +280,14 @@ class RunSetup:
     trainer: pl.Trainer
 
 
-def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str],
+def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str], validate: bool = True,
                   extra_callbacks: list[Callback] = ()) -> RunSetup:
+    """The Lightning trainer of a run; without a validation split there is no validation and no best checkpoint."""
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-epoch={epoch:03d}-val_loss={val/loss:.4f}",
-        monitor="val/loss", mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+        monitor="val/loss" if validate else None, mode="min", save_top_k=1 if validate else 0, save_last=False,
+        auto_insert_metric_name=False,
     )
     last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_epochs=t.checkpoint_every_n_epochs)
     loggers: list = [RunCSVLogger(run_dir)]
@@ -299,7 +302,7 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         trainer = pl.Trainer(
             max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, logger=loggers,
             callbacks=callbacks, default_root_dir=str(run_dir), check_val_every_n_epoch=t.check_val_every_n_epoch,
-            log_every_n_steps=t.log_every_n_steps, deterministic=True,
+            log_every_n_steps=t.log_every_n_steps, deterministic=True, limit_val_batches=None if validate else 0,
             plugins=[AtomicCheckpointIO()], enable_model_summary=True, num_sanity_val_steps=0,
         )
     return RunSetup(run_dir, checkpoint, trainer)
@@ -341,7 +344,11 @@ def train_main(argv, spec) -> int:
         check_saved_split(dm, run_dir / "split.csv")
     write_config(cfg, run_dir)
     dm.split_frame().to_csv(run_dir / "split.csv", index=False)
-    setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id)
+    if not dm.has_validation:
+        warnings.warn(f"the validation split is empty ({len(dm.frame)} designs, data.split.val = {cfg.data.split.val}): "
+                      "training runs without validation and writes no best checkpoint")
+    setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id,
+                          validate=dm.has_validation)
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
@@ -364,7 +371,9 @@ def train_main(argv, spec) -> int:
     wandb_run = _wandb_run(setup.trainer)
     if wandb_run is not None:
         _log_images(wandb_run, {f"plots/{p.stem}": p for p in plots})
-    if not args.no_eval:
+    if not args.no_eval and len(dm.tensors["test"][0]) == 0:
+        print("no evaluation: the test split is empty (data.split.test = 0)")
+    elif not args.no_eval:
         spec.evaluate(model, dm, run_dir / "eval", split="test", wandb_run=wandb_run)
     print(f"\ncheckpoints: {last}" + (f" (best: {setup.checkpoint.best_model_path})" if setup.checkpoint.best_model_path else ""))
     print(f"run directory: {run_dir}")

@@ -252,3 +252,21 @@ def test_cli_error_exit_has_no_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "YAML syntax error" in result.stderr
+
+
+def test_tiny_data_sets(tmp_path, biked_frame, tiny_biked_config, capsys):
+    biked_frame.head(1).to_csv(tmp_path / "one.csv", index=False)
+    code = train(tiny_biked_config, tmp_path / "l", "--csv_path", str(tmp_path / "one.csv"))
+    expect_error(capsys, code, "1 designs split", "need at least one design each")
+    biked_frame.head(12).to_csv(tmp_path / "twelve.csv", index=False)
+    assert train(tiny_biked_config, tmp_path / "l2", "--csv_path", str(tmp_path / "twelve.csv")) == 0
+    assert (run_dir_of(tmp_path / "l2") / "eval" / "mse_per_sparsity.csv").is_file()
+
+
+def test_numerical_condition_must_be_finite(tmp_path, biked_slice, tiny_biked_config, capsys):
+    frame = pd.read_csv(biked_slice)
+    frame["Teeth on chainring"] = frame["Teeth on chainring"].astype(object)
+    frame.loc[4, "Teeth on chainring"] = "lots"
+    frame.to_csv(tmp_path / "teeth.csv", index=False)
+    code = train(tiny_biked_config, tmp_path / "l", "--csv_path", str(tmp_path / "teeth.csv"))
+    expect_error(capsys, code, "numerical condition 'Teeth on chainring'", "'lots'", "row 6")

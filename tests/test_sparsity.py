@@ -77,3 +77,11 @@ def test_plot_schedule_draws_every_schedule(tmp_path):
     assert ys["linear"][-1] == 0.5 and ys["constant"][-1] == 0.0
     fig.savefig(tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_schedule_cli(tmp_path):
+    from modules.sparsity import main
+
+    out = tmp_path / "schedules.png"
+    assert main(["--cfg_name", "mcvae_biked", "--compare", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000
