@@ -30,7 +30,8 @@ class MaskedConditioningModule(pl.LightningModule):
         self.masking = ConditionMasking.for_schema(self.schema, sentinel=c.sentinel)
         self.embedding = ConditionEmbedding(self.schema, dim=c.embedding_dim, numerical_mask=c.numerical_mask)
         self.sparsity = self.cfg.sparsity.initial
-        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_keys: tuple[str, ...] = ()
+        self._epoch_sums: Optional[torch.Tensor] = None
         self._epoch_count = 0
 
     def step_generator(self, stream: int = 0) -> torch.Generator:
@@ -45,17 +46,20 @@ class MaskedConditioningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ cheap epoch-level logging
     def accumulate(self, values: dict[str, torch.Tensor], n: int) -> None:
-        """Sum detached batch metrics (weighted by batch size) without a host sync per step."""
-        for key, value in values.items():
-            weighted = value.detach() * n
-            self._epoch_sums[key] = self._epoch_sums[key] + weighted if key in self._epoch_sums else weighted
+        """Sum detached scalar batch metrics (weighted by batch size) without a host sync per step."""
+        weighted = torch.stack(list(values.values())).detach() * n
+        if self._epoch_sums is None:
+            self._epoch_keys, self._epoch_sums = tuple(values), weighted
+        else:
+            self._epoch_sums += weighted
         self._epoch_count += n
 
     def log_accumulated(self, prefix: str) -> None:
-        if self._epoch_count:
-            self.log_dict({f"{prefix}/{k}": v / self._epoch_count for k, v in self._epoch_sums.items()},
-                          on_step=False, on_epoch=True)
-        self._epoch_sums, self._epoch_count = {}, 0
+        """Log the epoch means of what `accumulate` summed, then start over."""
+        if self._epoch_sums is not None and self._epoch_count:
+            means = (self._epoch_sums / self._epoch_count).tolist()
+            self.log_dict({f"{prefix}/{k}": v for k, v in zip(self._epoch_keys, means)}, on_step=False, on_epoch=True)
+        self._epoch_sums, self._epoch_count = None, 0
 
     # ------------------------------------------------------------------ user-facing conditions
     def conditions_from(self, conditions: Mapping | pd.DataFrame | None, n: int) -> tuple[MaskedConditions, pd.DataFrame]:

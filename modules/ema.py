@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -24,14 +25,11 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Move the average towards `parameters` (the live module's, in `shadow.parameters()` order)."""
         decay = self.current_decay()
-        shadow = [p for p in self.shadow.parameters()]
-        live = [p.detach() for p in module.parameters()]
-        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+        torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in parameters], 1.0 - decay)
         self.updates += 1
-        for s, b in zip(self.shadow.buffers(), module.buffers()):
-            s.copy_(b)
 
     def forward(self, *args, **kwargs):
         return self.shadow(*args, **kwargs)

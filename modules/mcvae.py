@@ -146,7 +146,7 @@ class MCVAE(MaskedConditioningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
         optimizer.step()
         if self.ema is not None:
-            self.ema.update(self._generative_path())
+            self.ema.update([*self.embedding.parameters(), *self.decoder.parameters()])
         self.accumulate(out, batch[0].shape[0])
         return out["loss"]
 

@@ -161,6 +161,8 @@ def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str) -> 
     for key in ("design_columns", "conditions"):
         if stored["data"].get(key) != current["data"].get(key):
             differences.append(f"data.{key} differs")
+    if stored["trainer"].get("seed") != current["trainer"]["seed"]:  # masks and noise would change mid-run
+        differences.append(f"trainer.seed: checkpoint {stored['trainer'].get('seed')}, config {current['trainer']['seed']}")
     if differences:
         raise UserError(f"--ckpt_path {ckpt_path} was trained with another configuration than {source}: "
                         + "; ".join(differences[:6]) + ". Resume with the run's own config (<run>/config.yaml) "

@@ -121,7 +121,6 @@ def test_sample_with_partial_conditions(trained_run, tmp_path, capsys):
                         "--n", "6", "--out", str(out), "--plot", str(plot), "--seed", "3"])
     assert code == 0
     designs = pd.read_csv(out)
-    config_columns = pd.read_csv(run / "split.csv")  # noqa: F841 (the run exists)
     assert len(designs) == 6
     assert list(designs.columns[:2]) == ["x_rear_wheel_center", "y_rear_wheel_center"]
     assert designs["BikeStyle"].eq("ROAD").all() and designs["Teeth on chainring"].eq(50).all()
@@ -204,10 +203,11 @@ def test_error_yaml_and_unknown_key(tmp_path, capsys):
 def test_error_checkpoint_of_another_config(trained_run, tmp_path, capsys):
     run, config = trained_run
     other = write_config(tmp_path, "mcvae_biked", model={"latent_dim": 4},
-                         data={"csv_path": str(pd.read_csv  # the slice of the trained run
-                                              and Path(config).parent / "slice.csv")})
+                         data={"csv_path": str(Path(config).parent / "slice.csv")})
     code = train(other, tmp_path / "l", "--ckpt_path", str(run / "checkpoints/last.ckpt"))
     expect_error(capsys, code, "model.latent_dim: checkpoint 10, config 4")
+    code = train(config, tmp_path / "l", "--seed", "7", "--ckpt_path", str(run / "checkpoints/last.ckpt"))
+    expect_error(capsys, code, "trainer.seed: checkpoint 42, config 7")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     expect_error(capsys, train(config, tmp_path / "l", "--ckpt_path", str(garbage)), "cannot be read")
