@@ -172,27 +172,34 @@ class TensorBatches:
     """Batches sliced from tensors that already live on the device (no per-sample `__getitem__`).
 
     The shuffle order of epoch e is a function of (seed, e) only, so a resumed run sees the same batches.
+    With `group` > 1 it yields lists of up to `group` consecutive batches, which a model trains on in one
+    Lightning step (`trainer.fused_steps`): for a tiny MLP, Lightning's per-step work costs as much as the step.
     """
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], *, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None):
+                 drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None, group: int = 1):
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.epoch_fn = epoch_fn or (lambda: 0)
+        self.group = max(1, group)
 
     @property
     def n(self) -> int:
         return self.tensors[0].shape[0]
 
-    def __len__(self) -> int:
+    @property
+    def n_batches(self) -> int:
         if self.drop_last:
             return self.n // self.batch_size
         return (self.n + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self):
+    def __len__(self) -> int:
+        return (self.n_batches + self.group - 1) // self.group
+
+    def _batches(self):
         device = self.tensors[0].device
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch_fn()))
@@ -200,17 +207,32 @@ class TensorBatches:
             data = tuple(t.index_select(0, order) for t in self.tensors)
         else:
             data = self.tensors
-        for i in range(len(self)):
+        for i in range(self.n_batches):
             yield tuple(t[i * self.batch_size:(i + 1) * self.batch_size] for t in data)
+
+    def __iter__(self):
+        if self.group == 1:
+            yield from self._batches()
+            return
+        chunk = []
+        for batch in self._batches():
+            chunk.append(batch)
+            if len(chunk) == self.group:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 class ParametricDataModule(pl.LightningDataModule):
     """Designs and conditions from one CSV, described by the YAML schema (`DataConfig`)."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int = 0, csv_path: Optional[str] = None,
-                 schema: Optional[ConditionSchema] = None, scaler: Optional[MinMaxScaler] = None):
+                 schema: Optional[ConditionSchema] = None, scaler: Optional[MinMaxScaler] = None,
+                 fused_steps: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.fused_steps = fused_steps
         self.csv_path = csv_path or cfg.csv_path
         self.batch_size = batch_size
         self.seed = seed
@@ -258,7 +280,7 @@ class ParametricDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return TensorBatches(self.tensors["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                             epoch_fn=self._current_epoch)
+                             epoch_fn=self._current_epoch, group=self.fused_steps)
 
     def val_dataloader(self):
         return TensorBatches(self.tensors["val"], batch_size=max(self.batch_size, 1024), shuffle=False)

@@ -19,6 +19,11 @@ class EMA(nn.Module):
         self.decay = decay
         self.shadow = copy.deepcopy(module).requires_grad_(False).eval()
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._shadow_params: list[torch.Tensor] | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._shadow_params = None  # .to()/.half() may replace the parameter tensors
+        return super()._apply(fn, recurse)
 
     def current_decay(self) -> float:
         n = int(self.updates)
@@ -28,7 +33,9 @@ class EMA(nn.Module):
     def update(self, parameters: Iterable[torch.Tensor]) -> None:
         """Move the average towards `parameters` (the live module's, in `shadow.parameters()` order)."""
         decay = self.current_decay()
-        torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in parameters], 1.0 - decay)
+        if self._shadow_params is None:  # cached: listing a module's parameters every step costs more than the lerp
+            self._shadow_params = list(self.shadow.parameters())
+        torch._foreach_lerp_(self._shadow_params, [p.detach() for p in parameters], 1.0 - decay)
         self.updates += 1
 
     def forward(self, *args, **kwargs):

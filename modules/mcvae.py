@@ -99,9 +99,20 @@ class MCVAE(MaskedConditioningModule):
             for module in (self.encoder, self.to_posterior, self.decoder):
                 lecun_normal_(module)
         self.ema = EMA(self._generative_path(), decay=m.ema_decay) if m.ema_decay else None
+        self._ema_sources: Optional[list[torch.Tensor]] = None
 
     def _generative_path(self) -> nn.ModuleDict:
         return nn.ModuleDict({"embedding": self.embedding, "decoder": self.decoder})
+
+    def _averaged_parameters(self) -> list[torch.Tensor]:
+        """The live parameters the EMA follows, in the order of `_generative_path().parameters()` (cached)."""
+        if self._ema_sources is None:
+            self._ema_sources = list(self._generative_path().parameters())
+        return self._ema_sources
+
+    def _apply(self, fn, recurse=True):
+        self._ema_sources = None  # moving the module may replace the parameter tensors
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ model
     def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,28 +149,31 @@ class MCVAE(MaskedConditioningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
+        """One optimizer step per batch; a list of batches (`trainer.fused_steps` > 1) is several steps in a row.
+        Returns the mean loss (NaN if any step's loss was NaN)."""
         optimizer = self.optimizers()
-        out = self._step(batch, self.sparsity, self.step_generator(0))
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(out["loss"])
-        if self.cfg.optimizer.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
-        optimizer.step()
-        if self.ema is not None:
-            self.ema.update([*self.embedding.parameters(), *self.decoder.parameters()])
-        self.accumulate(out, batch[0].shape[0])
-        return out["loss"]
+        losses = []
+        for one in batch if isinstance(batch, list) else [batch]:
+            out = self._step(one, self.current_sparsity(), self.step_generator(0))
+            optimizer.zero_grad(set_to_none=True)
+            self.backward_step(out["loss"])
+            if self.cfg.optimizer.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
+            optimizer.step()  # advances global_step, which seeds the next step's masks and noise
+            if self.ema is not None:
+                self.ema.update(self._averaged_parameters())
+            self.accumulate(out, one[0].shape[0])
+            losses.append(out["loss"].detach())
+        return torch.stack(losses).mean()
 
     def on_train_epoch_end(self):
-        self.log_accumulated("train")
-        self.log("sparsity", float(self.sparsity), on_step=False, on_epoch=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log_training_epoch(sparsity=float(self.sparsity), lr=self.optimizers().param_groups[0]["lr"])
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
     def validation_step(self, batch, batch_idx):
-        out = self._step(batch, self.sparsity, self.step_generator(1 + batch_idx))
+        out = self._step(batch, self.current_sparsity(), self.step_generator(1 + batch_idx))
         self.log_dict({f"val/{k}": v for k, v in out.items()}, on_step=False, on_epoch=True,
                       batch_size=batch[0].shape[0])
 

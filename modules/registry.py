@@ -34,7 +34,7 @@ def _build_mcvae(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = 
     schema = ConditionSchema.from_state(hparams["schema"]) if hparams else None
     scaler = MinMaxScaler.from_state(hparams["design_scaler"]) if hparams else None
     dm = ParametricDataModule(cfg.data, batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                              csv_path=csv_path, schema=schema, scaler=scaler)
+                              csv_path=csv_path, schema=schema, scaler=scaler, fused_steps=cfg.trainer.fused_steps)
     model = MCVAE(config=to_dict(cfg), schema=dm.schema.state_dict(), design_scaler=dm.scaler.state_dict())
     return dm, model
 

@@ -87,8 +87,20 @@ class SparsityScheduler(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self.schedule.target_at < 0:
-            total = trainer.max_epochs if self.schedule.interval == "epoch" else trainer.estimated_stepping_batches
+            total = trainer.max_epochs if self.schedule.interval == "epoch" else self._total_steps(trainer)
             self.schedule = self.schedule.resolved(int(total))
+
+    @staticmethod
+    def _total_steps(trainer) -> int:
+        """Optimizer steps of the whole run (fused steps count one by one)."""
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
+        n_batches = getattr(loader, "n_batches", None)
+        if n_batches is None:
+            return int(trainer.estimated_stepping_batches)
+        return int(n_batches * trainer.max_epochs)
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.sparsity_schedule = self.schedule  # after a resume: the restored one
 
     def on_train_epoch_start(self, trainer, pl_module):
         t = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
@@ -96,7 +108,7 @@ class SparsityScheduler(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.schedule.interval == "step":
-            self._set(trainer, pl_module, trainer.global_step)
+            self._set(trainer, pl_module, trainer.global_step)  # models with fused steps re-evaluate per step
 
     def state_dict(self) -> dict:
         return asdict(self.schedule)

@@ -270,3 +270,18 @@ def test_numerical_condition_must_be_finite(tmp_path, biked_slice, tiny_biked_co
     frame.to_csv(tmp_path / "teeth.csv", index=False)
     code = train(tiny_biked_config, tmp_path / "l", "--csv_path", str(tmp_path / "teeth.csv"))
     expect_error(capsys, code, "numerical condition 'Teeth on chainring'", "'lots'", "row 6")
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_fused_steps_train_exactly_like_single_steps(tmp_path, biked_slice, interval):
+    weights = {}
+    for fused in (1, 3):
+        config = write_config(
+            tmp_path, "mcvae_biked", data={"csv_path": str(biked_slice)},
+            trainer={"max_epochs": 2, "batch_size": 64, "fused_steps": fused},
+            sparsity={"interval": interval, "initial": 0.0, "target": 0.6})
+        assert train(config, tmp_path / f"f{fused}", "--no_eval") == 0
+        ckpt = torch.load(run_dir_of(tmp_path / f"f{fused}") / "checkpoints/last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 2 * 5  # 320 training designs / 64 = 5 optimizer steps per epoch
+        weights[fused] = ckpt["state_dict"]
+    assert all(torch.equal(weights[1][k], weights[3][k]) for k in weights[1])
