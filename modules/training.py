@@ -315,7 +315,8 @@ def quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*The number of training batches.*",
                     ".*Experiment logs directory.*", ".*Checkpoint directory .* exists and is not empty.*",
                     ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-                    ".*module\\(s\\) in eval mode at the start of training.*"):  # the EMA copy, on purpose
+                    ".*module\\(s\\) in eval mode at the start of training.*",  # the EMA copy, on purpose
+                    ".*overridden `transfer_batch_to_device`.*"):  # on purpose: batches are already on the device
         warnings.filterwarnings("ignore", message=pattern)
 
 
