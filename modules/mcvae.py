@@ -121,8 +121,11 @@ class MCVAE(MaskedConditioningModule):
 
     def decode(self, z: torch.Tensor, conditions: MaskedConditions, *, averaged: bool = False) -> torch.Tensor:
         """p(x | z, c); `averaged` uses the EMA weights when the model keeps them."""
-        path = self.ema.shadow if averaged and self.ema is not None else self._generative_path()
-        return path["decoder"](torch.cat([z, path["embedding"](conditions)], dim=1))
+        if averaged and self.ema is not None:
+            embedding, decoder = self.ema.shadow["embedding"], self.ema.shadow["decoder"]
+        else:
+            embedding, decoder = self.embedding, self.decoder
+        return decoder(torch.cat([z, embedding(conditions)], dim=1))
 
     def forward(self, design, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
         mu, logvar = self.encode(design)
