@@ -285,3 +285,33 @@ def test_fused_steps_train_exactly_like_single_steps(tmp_path, biked_slice, inte
         assert ckpt["global_step"] == 2 * 5  # 320 training designs / 64 = 5 optimizer steps per epoch
         weights[fused] = ckpt["state_dict"]
     assert all(torch.equal(weights[1][k], weights[3][k]) for k in weights[1])
+
+
+def test_own_csv_by_yaml_only_with_shared_vocabulary_and_gaps(tmp_path):
+    """The car profiles as a user's own data: buzzword1..3 share a vocabulary, buzzword3 has empty cells."""
+    from tests.conftest import CARS
+
+    frame = pd.read_csv(CARS)
+    assert frame["buzzword3"].isna().sum() == 5
+    subset = pd.concat([frame[frame["buzzword3"].isna()], frame.head(235)]).reset_index(drop=True)
+    subset.loc[7, "drag_coeff"] = None  # a missing numerical condition
+    csv = tmp_path / "my_cars.csv"
+    subset.to_csv(csv, index=False)
+    config = write_config(tmp_path, "mcvae_cars", data={"csv_path": str(csv)},
+                          trainer={"max_epochs": 2, "check_val_every_n_epoch": 1, "checkpoint_every_n_epochs": 1},
+                          evaluation={"prior_draws": 2, "diversity_groups": 3, "diversity_samples": 4})
+    assert train(config, tmp_path / "l") == 0
+    run = run_dir_of(tmp_path / "l")
+    from modules.registry import MCVAE_SPEC
+
+    _, model = MCVAE_SPEC.load(run / "checkpoints/last.ckpt", with_data=False)
+    assert model.schema.vocabulary_of("buzzword1") == model.schema.vocabulary_of("buzzword3")
+    assert model.embedding.table.num_embeddings == sum(len(v) + 1 for v in model.schema.vocabularies.values())
+    out, plot = tmp_path / "coupes.csv", tmp_path / "coupes.png"
+    assert sample.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--condition", "type=Coupe", "--condition",
+                        "buzzword1=Sportlich", "--condition", "drag_coeff=0.28", "--n", "4", "--out", str(out),
+                        "--plot", str(plot)]) == 0
+    cars = pd.read_csv(out)
+    assert list(cars.columns[:2]) == ["B1_x", "B1_y"] and len(cars) == 4 and plot.stat().st_size > 5000
+    adherence = pd.read_csv(run / "eval/adherence.csv")
+    assert {"buzzword1", "buzzword3", "drag_coeff"} <= set(adherence["condition"])
