@@ -13,7 +13,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) of any model of this project")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split to evaluate on")
-    p.add_argument("--out", help="output folder (default: <run>/eval for a run's checkpoint, else eval_<ckpt name>/)")
+    p.add_argument("--out", help="output folder (default: <run>/eval for a run's last.ckpt, <run>/eval_<ckpt name> for "
+                                 "its other checkpoints, else eval_<ckpt name>/ beside the checkpoint)")
     p.add_argument("--csv_path", help="data file, when it has moved since training")
     return p.parse_args(argv)
 
@@ -31,19 +32,19 @@ def default_out(ckpt: Path, split: str) -> Path:
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
-    from modules.registry import spec_for_checkpoint
-    from modules.training import check_saved_split, quiet_lightning, run_dir_of_checkpoint
+    from modules.registry import spec_for
+    from modules.training import quiet_lightning, read_checkpoint
 
     quiet_lightning()
     ckpt = Path(args.ckpt)
-    spec = spec_for_checkpoint(ckpt)
-    dm, model = spec.load(ckpt, args.csv_path)
-    run_dir = run_dir_of_checkpoint(ckpt)
-    if run_dir is not None:
-        check_saved_split(dm, run_dir / "split.csv")
+    out = Path(args.out) if args.out else default_out(ckpt, args.split)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the evaluation tables and plots.")
+    checkpoint = read_checkpoint(ckpt)
+    spec = spec_for(checkpoint, str(ckpt))
+    dm, model = spec.load(checkpoint, args.csv_path)  # refuses data other than the training data
     if len(dm.tensors[args.split][0]) == 0:
         raise UserError(f"the {args.split} split of this run is empty; choose another --split.")
-    out = Path(args.out) if args.out else default_out(ckpt, args.split)
     spec.evaluate(model, dm, out, split=args.split)
     return 0
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from modules.errors import UserError, cli_entry
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +35,8 @@ def parse_conditions(pairs: list[str], names: list[str]) -> dict:
                 raise UserError(f"--condition {pair!r} must have the form NAME=VALUE. Valid names: {', '.join(names)}.")
             raise UserError(f"--condition: unknown condition '{name}'. Valid conditions: {', '.join(names)}.")
         value = pair[len(match) + 1:]
+        if value.strip() == "":
+            raise UserError(f"--condition '{match}=' has no value; give one, or leave the condition out to mask it.")
         if match in conditions:
             raise UserError(f"--condition '{match}' is given twice.")
         conditions[match] = value
@@ -44,15 +48,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be ≥ 1, got {args.n}.")
-    from modules.registry import spec_for_checkpoint
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"--plot {args.plot}: give a file ending in {', '.join(PLOT_FORMATS)}.")
+    from modules.registry import spec_for
+    from modules.training import read_checkpoint
 
-    spec = spec_for_checkpoint(args.ckpt)
-    _, model = spec.load(args.ckpt, with_data=False)
+    checkpoint = read_checkpoint(args.ckpt)
+    _, model = spec_for(checkpoint, args.ckpt).load(checkpoint, with_data=False)
     conditions = parse_conditions(args.condition, model.schema.names)
     designs = model.sample(conditions, n=args.n, seed=args.seed)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    designs.to_csv(out, index=False)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        designs.to_csv(out, index=False)
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be written ({err.strerror}); choose another path.") from None
     asked = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions (unconditional)"
     print(f"{args.n} designs for {asked} → {out}")
     if args.plot:
@@ -60,6 +70,7 @@ def main(argv=None):
 
         data_cfg = model.cfg.data
         style = data_cfg.plot_style if data_cfg.plot_style != "none" else "points"
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         path = design_grid(designs[model.scaler.columns], Path(args.plot), style=style,
                            outline_points=data_cfg.outline_points, titles=[f"#{i}" for i in range(args.n)],
                            suptitle=asked)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+import re
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,21 +24,35 @@ from modules.errors import UserError
 # --------------------------------------------------------------------------- schema
 
 
+_INTEGRAL_FLOAT = re.compile(r"^[+-]?\d+\.0*$")
+
+
 def canonical_category(value) -> Optional[str]:
-    """Category values are compared as strings; integral floats ('1.0' read from a column with gaps) become '1'."""
+    """Category values are compared as strings; integral floats (1.0, or '1.0' as pandas writes an integer column
+    that has gaps) become '1'; empty cells and NaN are None (missing)."""
     if value is None:
         return None
-    if isinstance(value, float):
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
         if math.isnan(value):
             return None
         if value.is_integer():
             return str(int(value))
-    if isinstance(value, (np.floating,)):
-        return canonical_category(float(value))
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
     text = str(value).strip()
+    if _INTEGRAL_FLOAT.match(text):
+        return str(int(float(text)))
     return text if text != "" else None
+
+
+def _listed_categories(values: Sequence, where: str, source: str) -> list[Optional[str]]:
+    """Categories written in the config; YAML reads bare yes/no/true/false as booleans, which would not match."""
+    for value in values:
+        if isinstance(value, bool):
+            raise UserError(f"{source}: {where} lists {value!r}, which YAML read as a boolean: quote the category "
+                            f"names ('yes', 'no', 'true', 'false') so they stay text.")
+    return [canonical_category(v) for v in values]
 
 
 @dataclass
@@ -78,15 +93,20 @@ class ConditionSchema:
                 vocab_name = spec.vocabulary or spec.name
                 members.setdefault(vocab_name, []).append(spec.name)
                 if spec.categories is not None:
-                    listed = [canonical_category(v) for v in spec.categories]
+                    listed = _listed_categories(spec.categories, f"the categories of '{spec.name}'", source)
                     if vocab_name in vocabularies and vocabularies[vocab_name] != listed:
                         raise UserError(f"{source}: conditions sharing vocabulary '{vocab_name}' list different categories.")
                     vocabularies[vocab_name] = listed
                 fitted.append(FittedCondition(spec.name, "categorical", vocabulary=vocab_name))
         fixed_vocabularies = fixed_vocabularies or {}
+        unused = sorted(set(fixed_vocabularies) - set(members))
+        if unused:
+            raise UserError(f"{source}: data.vocabularies.{unused[0]} is not the vocabulary of any condition (conditions "
+                            f"name one with `vocabulary: NAME`; in use: {', '.join(sorted(members))}).")
         for vocab_name, columns in members.items():
             if vocab_name in fixed_vocabularies:
-                vocabularies[vocab_name] = [canonical_category(v) for v in fixed_vocabularies[vocab_name]]
+                vocabularies[vocab_name] = _listed_categories(fixed_vocabularies[vocab_name],
+                                                              f"data.vocabularies.{vocab_name}", source)
             if vocab_name not in vocabularies:
                 seen = set()
                 for column in columns:
@@ -129,7 +149,7 @@ class ConditionSchema:
         return [len(self.vocabularies[c.vocabulary]) for c in self.categorical]
 
     # -- encoding
-    def encode(self, frame: pd.DataFrame, *, source: str = "data", strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, frame: pd.DataFrame, *, source: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
         """(categorical codes, normalised numerical values); missing cells become mask tokens / NaN.
 
         Unknown categories raise a `UserError` naming the column, the value and the valid ones.
@@ -155,11 +175,14 @@ class ConditionSchema:
         num = torch.empty((n, len(self.numerical)), dtype=torch.float32)
         for j, cond in enumerate(self.numerical):
             if cond.name in frame:
-                raw = pd.to_numeric(frame[cond.name], errors="coerce").to_numpy(dtype=np.float64)
-                bad = ~np.isnan(raw) & ~np.isfinite(raw)
-                if strict and bad.any():
-                    raise UserError(f"{source}: numerical condition '{cond.name}' has non-finite values (rows "
-                                    f"{np.flatnonzero(bad)[:5].tolist()}). Replace them with a number or leave the cell empty.")
+                column = frame[cond.name]
+                raw = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                given = column.map(lambda v: canonical_category(v) is not None).to_numpy(dtype=bool)
+                bad = given & ~np.isfinite(raw)  # text that is no number, or ±inf (empty cells are missing)
+                if bad.any():
+                    r = int(np.flatnonzero(bad)[0])
+                    raise UserError(f"{source}: numerical condition '{cond.name}' has the value {column.iloc[r]!r}, "
+                                    "which is not a finite number. Give a number or leave it empty (= masked).")
             else:
                 raw = np.full(n, np.nan)
             span = (cond.maximum - cond.minimum) or 1.0
@@ -232,14 +255,19 @@ class ConditionMasking(nn.Module):
 
     @staticmethod
     def random_masks(categorical: torch.Tensor, numerical: torch.Tensor, p: float,
-                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Independent Bernoulli(p) masks of the shapes of the two condition tensors (True = masked)."""
+                     generator: Optional[torch.Generator] = None,
+                     uniform: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Independent Bernoulli(p) masks of the shapes of the two condition tensors (True = masked).
+
+        `uniform` (B, n_cat + n_num) reuses given U[0, 1) draws: masks of several p from one draw are nested.
+        """
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"masking probability must lie in [0, 1], got {p}")
         n_cat = categorical.shape[1]
-        draws = torch.rand((categorical.shape[0], n_cat + numerical.shape[1]), generator=generator,
-                           device=categorical.device)
-        mask = draws < p  # rand ∈ [0, 1): p = 0 masks nothing, p = 1 masks everything
+        if uniform is None:
+            uniform = torch.rand((categorical.shape[0], n_cat + numerical.shape[1]), generator=generator,
+                                 device=categorical.device)
+        mask = uniform < p  # U ∈ [0, 1): p = 0 masks nothing, p = 1 masks everything
         return mask[:, :n_cat], mask[:, n_cat:]
 
     def apply(self, categorical: torch.Tensor, numerical: torch.Tensor, categorical_mask: torch.Tensor,

@@ -232,7 +232,9 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist. Pass --cfg_name NAME for configs/NAME.yaml or --config PATH.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text (UTF-8) file; --config takes a YAML file.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -256,6 +256,24 @@ class ParametricDataModule(pl.LightningDataModule):
         cat, num = self.schema.encode(part, source=str(self.csv_path))
         return design, cat, num
 
+    def split_digest(self) -> str:
+        """A fingerprint of the data and its split: every row's design and condition values, in order, with its
+        split. Stored in checkpoints, so evaluating or resuming on other data (or reordered rows) is caught."""
+        import hashlib
+
+        columns = list(self.cfg.design_columns) + [c.name for c in self.cfg.conditions]
+        rows = pd.util.hash_pandas_object(self.frame[columns], index=False).to_numpy()
+        digest = hashlib.sha256(rows.tobytes())
+        digest.update("".join(s[0] for s in self.assignment).encode())
+        return digest.hexdigest()[:16]
+
+    def check_digest(self, stored: Optional[str], checkpoint: str) -> None:
+        """Refuse data other than the data `checkpoint` was trained on (None: an old checkpoint, not checked)."""
+        if stored is not None and stored != self.split_digest():
+            raise UserError(f"the data file {self.csv_path} is not the one {checkpoint} was trained on, or its rows "
+                            "changed or moved (the train/val/test split would differ). Pass the training data "
+                            "with --csv_path.")
+
     @property
     def has_validation(self) -> bool:
         return len(self.tensors["val"][0]) > 0
@@ -283,7 +301,8 @@ class ParametricDataModule(pl.LightningDataModule):
                              epoch_fn=self._current_epoch, group=self.fused_steps)
 
     def val_dataloader(self):
-        return TensorBatches(self.tensors["val"], batch_size=max(self.batch_size, 1024), shuffle=False)
+        # the training batch size, so that batch-summed losses (`reconstruction: sse`) compare with training
+        return TensorBatches(self.tensors["val"], batch_size=self.batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return TensorBatches(self.tensors["test"], batch_size=max(self.batch_size, 1024), shuffle=False)
+        return TensorBatches(self.tensors["test"], batch_size=self.batch_size, shuffle=False)

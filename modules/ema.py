@@ -38,9 +38,6 @@ class EMA(nn.Module):
         torch._foreach_lerp_(self._shadow_params, [p.detach() for p in parameters], 1.0 - decay)
         self.updates += 1
 
-    def forward(self, *args, **kwargs):
-        return self.shadow(*args, **kwargs)
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.shadow.eval()  # the average is only ever used for inference

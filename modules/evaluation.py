@@ -18,15 +18,17 @@ def _generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def level_masks(model, cat: torch.Tensor, num: torch.Tensor, level: float, seed: int) -> MaskedConditions:
-    """Independent per-element masks at sparsity `level` from a seeded generator (missing values stay masked)."""
-    g = _generator(seed, cat.device)
-    cat_mask, num_mask = model.masking.random_masks(cat, num, level, g)
+def mask_draws(cat: torch.Tensor, num: torch.Tensor, cfg: EvaluationConfig) -> torch.Tensor:
+    """One seeded U[0, 1) per condition of every design; level p masks where U < p, so the masks of the levels
+    are nested and a level's masks do not depend on which other levels are evaluated."""
+    g = _generator(cfg.mask_seed, cat.device)
+    return torch.rand((cat.shape[0], cat.shape[1] + num.shape[1]), generator=g, device=cat.device)
+
+
+def level_masks(model, cat: torch.Tensor, num: torch.Tensor, level: float, uniform: torch.Tensor) -> MaskedConditions:
+    """Independent per-element masks at sparsity `level` (missing values stay masked)."""
+    cat_mask, num_mask = model.masking.random_masks(cat, num, level, uniform=uniform)
     return model.masking.apply(cat, num, cat_mask, num_mask)
-
-
-def _level_seed(cfg: EvaluationConfig, i: int) -> int:
-    return cfg.mask_seed * 1000 + i
 
 
 @torch.no_grad()
@@ -43,9 +45,10 @@ def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataF
         return ((generated - design).pow(2) * weights).sum(1).mean().item()
 
     z_paper = torch.randn((1, latent), generator=_generator(cfg.paper_z_seed, design.device), device=design.device)
+    uniform = mask_draws(cat, num, cfg)
     rows = []
     for i, level in enumerate(cfg.sparsity_levels):
-        conditions = level_masks(model, cat, num, level, _level_seed(cfg, i))
+        conditions = level_masks(model, cat, num, level, uniform)
         paper = model.generate(conditions, z=z_paper.expand(len(design), -1))
         sse_paper = sse(paper)
         g = _generator(cfg.paper_z_seed + 1 + i, design.device)
@@ -65,9 +68,9 @@ def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarr
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
     predictors = {}
+    tokens = schema.mask_tokens()
     for j, cond in enumerate(schema.categorical):
-        token = len(schema.vocabularies[cond.vocabulary])
-        known = cat[:, j] != token
+        known = cat[:, j] != tokens[j]
         if len(np.unique(cat[known, j])) < 2:
             continue  # nothing to predict
         clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
@@ -102,8 +105,9 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig) 
         truth, known = _truth(kind, j, cat_np, num_np, model)
         rows[name]["real"] = _score(kind, predictor, real[known], truth[known])
     g = _generator(cfg.paper_z_seed + 1000, design.device)
-    for i, level in enumerate(cfg.sparsity_levels):
-        conditions = level_masks(model, cat, num, level, _level_seed(cfg, i))
+    uniform = mask_draws(cat, num, cfg)
+    for level in cfg.sparsity_levels:
+        conditions = level_masks(model, cat, num, level, uniform)
         generated = model.generate(conditions, generator=g).cpu().numpy()
         masked_cat = conditions.categorical.cpu().numpy() == model.masking.mask_tokens.cpu().numpy()
         masked_num = conditions.numerical_mask.cpu().numpy()

@@ -53,6 +53,19 @@ class MCVAERunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+def check_mcvae_config(cfg: MCVAERunConfig, source: str) -> None:
+    """Ranges of the model section."""
+    from modules.training import require
+
+    m = cfg.model
+    for key in ("design_embedding_dim", "latent_dim"):
+        require(getattr(m, key) >= 1, source, f"model.{key}", "≥ 1", getattr(m, key))
+    require(len(m.hidden_dims) > 0 and all(h >= 1 for h in m.hidden_dims), source, "model.hidden_dims",
+            "a non-empty list of sizes ≥ 1", m.hidden_dims)
+    require(m.ema_decay is None or 0 < m.ema_decay < 1, source, "model.ema_decay", "in (0, 1) or null", m.ema_decay)
+    require(0 <= m.kl_weight <= 1, source, "model.kl_weight", "in [0, 1]", m.kl_weight)
+
+
 def mlp(dims: list[int], activation: type[nn.Module], *, last_activation: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -81,7 +94,7 @@ class MCVAE(MaskedConditioningModule):
     config_cls = MCVAERunConfig
     model_type = "mcvae"
 
-    def __init__(self, *, config: dict, schema: dict, design_scaler: dict):
+    def __init__(self, *, config: dict, schema: dict, design_scaler: dict, split_digest: Optional[str] = None):
         super().__init__(config=config, schema=schema)
         self.save_hyperparameters()
         self.automatic_optimization = False  # a plain step: Lightning's closure costs more than this MLP's step
@@ -212,7 +225,10 @@ class MCVAE(MaskedConditioningModule):
         self.eval()
         masked, frame = self.conditions_from(conditions, n)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+        if seed is None:
+            generator.seed()  # fresh entropy, without touching torch's global RNG
+        else:
+            generator.manual_seed(seed)
         designs = self.scaler.inverse(self.generate(masked, generator=generator))
         self.train(was_training)
         return pd.concat([designs, frame.reset_index(drop=True)], axis=1)

@@ -113,16 +113,21 @@ BIKE_TUBES = [  # (from, to): BIKED reference points
 
 
 def point_pairs(columns: Sequence[str]) -> list[tuple[str, str, str]]:
-    """(label, x column, y column) for columns named x_NAME/y_NAME or NAME_x/NAME_y, in column order."""
-    pairs, seen = [], set()
+    """(label, x column, y column) for columns named x_NAME/y_NAME, NAME_x/NAME_y, xNAME/yNAME or NAMEx/NAMEy,
+    in column order."""
+    pairs, used = [], set()
     cols = set(columns)
     for c in columns:
-        if c.startswith("x_") and "y_" + c[2:] in cols and c[2:] not in seen:
-            pairs.append((c[2:], c, "y_" + c[2:]))
-            seen.add(c[2:])
-        elif c.endswith("_x") and c[:-2] + "_y" in cols and c[:-2] not in seen:
-            pairs.append((c[:-2], c, c[:-2] + "_y"))
-            seen.add(c[:-2])
+        if c in used:
+            continue
+        for label, partner in ((c[2:], "y_" + c[2:]) if c.startswith("x_") else (None, None),
+                               (c[:-2], c[:-2] + "_y") if c.endswith("_x") else (None, None),
+                               (c[1:], "y" + c[1:]) if c.startswith("x") else (None, None),
+                               (c[:-1], c[:-1] + "y") if c.endswith("x") else (None, None)):
+            if partner in cols and partner not in used:
+                pairs.append((label.strip("_") or c, c, partner))
+                used.update((c, partner))
+                break
     return pairs
 
 
@@ -154,11 +159,16 @@ def draw_points(ax, row: pd.Series, *, outline_points: Optional[int] = None, col
 def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points: Optional[int] = None,
                 titles: Optional[Sequence[str]] = None, columns: int = 4, suptitle: Optional[str] = None) -> Path:
     """Draw each design of `designs` in a grid of equal-aspect panels with one shared scale; write a PNG."""
+    from modules.errors import UserError
+
+    pairs = point_pairs(designs.columns)
+    if not pairs:
+        raise UserError("--plot draws (x, y) points, and no design columns pair up: name them x_NAME/y_NAME, "
+                        "NAME_x/NAME_y or xNAME/yNAME (or set data.plot_style: none).")
     n = len(designs)
     columns = max(1, min(columns, n))
     rows = math.ceil(n / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
-    pairs = point_pairs(designs.columns)
     xs = designs[[x for _, x, _ in pairs]].to_numpy(dtype=float)
     ys = designs[[y for _, _, y in pairs]].to_numpy(dtype=float)
     pad = 0.0

@@ -5,9 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import pandas as pd
-import torch
-
 from modules.config import build_dataclass
 from modules.errors import UserError
 
@@ -17,43 +14,56 @@ class ModelSpec:
     model_type: str
     description: str
     config_cls: type
+    check: Callable[[Any, str], None]  # (cfg, source): ranges of the model-specific sections
     build: Callable[..., tuple[Any, Any]]  # (cfg, hparams | None) -> (datamodule, model)
-    load: Callable[..., tuple[Any, Any]]  # (ckpt_path, csv_path | None) -> (datamodule, model)
+    load: Callable[..., tuple[Any, Any]]  # (ckpt path or dict, csv_path | None, with_data) -> (datamodule, model)
     evaluate: Callable[..., Any]  # (model, datamodule, out_dir, split, wandb_run) -> tables
 
 
 # --------------------------------------------------------------------------- mcVAE
 
 
-def _build_mcvae(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = None):
+def _parametric_datamodule(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = None):
+    """The DataModule of a run; with a checkpoint's hparams it reuses the fitted schema and scaler."""
     from modules.conditioning import ConditionSchema
-    from modules.config import to_dict
     from modules.data import MinMaxScaler, ParametricDataModule
-    from modules.mcvae import MCVAE
 
     schema = ConditionSchema.from_state(hparams["schema"]) if hparams else None
     scaler = MinMaxScaler.from_state(hparams["design_scaler"]) if hparams else None
-    dm = ParametricDataModule(cfg.data, batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                              csv_path=csv_path, schema=schema, scaler=scaler, fused_steps=cfg.trainer.fused_steps)
-    model = MCVAE(config=to_dict(cfg), schema=dm.schema.state_dict(), design_scaler=dm.scaler.state_dict())
+    return ParametricDataModule(cfg.data, batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                                csv_path=csv_path, schema=schema, scaler=scaler, fused_steps=cfg.trainer.fused_steps)
+
+
+def _build_mcvae(cfg, hparams: Optional[dict] = None):
+    from modules.config import to_dict
+    from modules.mcvae import MCVAE
+
+    dm = _parametric_datamodule(cfg, hparams)
+    model = MCVAE(config=to_dict(cfg), schema=dm.schema.state_dict(), design_scaler=dm.scaler.state_dict(),
+                  split_digest=dm.split_digest())
     return dm, model
 
 
-def _load_mcvae(ckpt_path: str | Path, csv_path: Optional[str] = None, *, with_data: bool = True):
+def _load_mcvae(ckpt: str | Path | dict, csv_path: Optional[str] = None, *, with_data: bool = True):
+    """(DataModule or None, MCVAE in eval mode) from a checkpoint path or an already read checkpoint."""
     from modules.mcvae import MCVAE, MCVAERunConfig
-    from modules.training import load_checkpoint_hparams
+    from modules.training import read_checkpoint
 
-    hparams = load_checkpoint_hparams(ckpt_path)
+    checkpoint = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
+    name = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
+    hparams = checkpoint["hyper_parameters"]
     try:
-        model = MCVAE.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
-    except (RuntimeError, KeyError, UserError) as err:
-        raise UserError(f"checkpoint {ckpt_path} does not fit this version's mcVAE ({str(err).splitlines()[0][:300]} "
-                        f"…). It was written by another version of the code; retrain or check out that version.") from None
+        model = MCVAE(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError, TypeError, UserError) as err:
+        raise UserError(f"{name} does not fit this version's mcVAE ({str(err).splitlines()[0][:300]} …). It was "
+                        "written by another version of the code; retrain or check out that version.") from None
     model.eval()
     if not with_data:
         return None, model
-    cfg = build_dataclass(MCVAERunConfig, hparams["config"], source=f"{ckpt_path} (stored config)")
-    dm, _ = _build_mcvae(cfg, hparams, csv_path=csv_path)
+    cfg = build_dataclass(MCVAERunConfig, hparams["config"], source=f"{name} (stored config)")
+    dm = _parametric_datamodule(cfg, hparams, csv_path=csv_path)
+    dm.check_digest(hparams.get("split_digest"), name)
     return dm, model
 
 
@@ -64,20 +74,19 @@ def _evaluate_parametric(model, dm, out_dir, split="test", wandb_run=None, quiet
 
 
 def _mcvae_spec() -> ModelSpec:
-    from modules.mcvae import MCVAERunConfig
+    from modules.mcvae import MCVAERunConfig, check_mcvae_config
 
     return ModelSpec("mcvae", "Train an mcVAE on parametric designs (MLP VAE with masked conditions).",
-                     MCVAERunConfig, _build_mcvae, _load_mcvae, _evaluate_parametric)
+                     MCVAERunConfig, check_mcvae_config, _build_mcvae, _load_mcvae, _evaluate_parametric)
 
 
 MCVAE_SPEC = _mcvae_spec()
 SPECS = {MCVAE_SPEC.model_type: MCVAE_SPEC}
 
 
-def spec_for_checkpoint(ckpt_path: str | Path) -> ModelSpec:
-    from modules.training import load_checkpoint_hparams
-
-    model_type = load_checkpoint_hparams(ckpt_path)["config"].get("model_type")
+def spec_for(checkpoint: dict, name: str = "checkpoint") -> ModelSpec:
+    """The model type that wrote a checkpoint (read with `modules.training.read_checkpoint`)."""
+    model_type = checkpoint["hyper_parameters"]["config"].get("model_type")
     if model_type not in SPECS:
-        raise UserError(f"checkpoint {ckpt_path} holds a '{model_type}' model; this version knows {', '.join(SPECS)}.")
+        raise UserError(f"{name} holds a '{model_type}' model; this version knows {', '.join(SPECS)}.")
     return SPECS[model_type]

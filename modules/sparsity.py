@@ -27,8 +27,7 @@ class SparsitySchedule:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown sparsity schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        end = self.initial if self.schedule == "constant" or self.target is None else self.target
-        for name, value in (("initial", self.initial), ("target", end)):
+        for name, value in (("initial", self.initial), ("target", self.end)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"sparsity.{name} must lie in [0, 1], got {value}")
         if self.schedule == "step" and self.step_size < 1:

@@ -78,23 +78,47 @@ def _devices(value: Optional[str]):
     return int(value) if value.isdigit() else value
 
 
+def require(ok: bool, source: str, key: str, rule: str, value) -> None:
+    """A config value outside its range is an error naming the key and the file."""
+    if not ok:
+        raise UserError(f"{source}: {key} must be {rule}, got {value!r}. Fix the value in the file (or the flag).")
+
+
 def check_common(cfg, source: str) -> None:
-    """Checks across keys that types alone do not catch."""
+    """Ranges and relations between keys that types alone do not catch (shared sections)."""
     try:
         SparsitySchedule.from_config(cfg.sparsity)
     except ValueError as err:
         raise UserError(f"{source}: {err}.") from None
-    t = cfg.trainer
-    if t.max_epochs < 1 or t.batch_size < 1:
-        raise UserError(f"{source}: trainer.max_epochs and trainer.batch_size must be ≥ 1.")
+    t, o, e = cfg.trainer, cfg.optimizer, cfg.evaluation
+    for key in ("max_epochs", "batch_size", "check_val_every_n_epoch", "checkpoint_every_n_epochs",
+                "log_every_n_steps", "fused_steps"):
+        require(getattr(t, key) >= 1, source, f"trainer.{key}", "≥ 1", getattr(t, key))
+    require(0 <= t.seed < 2**32, source, "trainer.seed", "in [0, 2^32)", t.seed)
+    require(t.num_threads is None or t.num_threads >= 1, source, "trainer.num_threads", "≥ 1 or null", t.num_threads)
+    # one device: multi-device training (DDP) is not supported yet, and 'auto' would take every GPU
+    require(t.devices in (1, "1", "auto"), source, "trainer.devices", "1 (multi-device training is not supported "
+            "yet)", t.devices)
+    require(o.lr > 0, source, "optimizer.lr", "> 0", o.lr)
+    require(all(0 <= b < 1 for b in o.betas), source, "optimizer.betas", "two numbers in [0, 1)", list(o.betas))
+    require(o.weight_decay >= 0, source, "optimizer.weight_decay", "≥ 0", o.weight_decay)
+    require(o.gradient_clip_val is None or o.gradient_clip_val > 0, source, "optimizer.gradient_clip_val",
+            "> 0 or null", o.gradient_clip_val)
+    require(cfg.lr_scheduler.step_size >= 1, source, "lr_scheduler.step_size", "≥ 1", cfg.lr_scheduler.step_size)
+    require(cfg.lr_scheduler.gamma > 0, source, "lr_scheduler.gamma", "> 0", cfg.lr_scheduler.gamma)
+    require(cfg.conditioning.embedding_dim >= 1, source, "conditioning.embedding_dim", "≥ 1",
+            cfg.conditioning.embedding_dim)
     if cfg.sparsity.interval == "epoch" and cfg.sparsity.target_at >= t.max_epochs:
         # allowed (a short run that a resume will extend), but said out loud
         warnings.warn(f"{source}: sparsity.target_at = {cfg.sparsity.target_at} lies beyond the end of training "
                       f"(trainer.max_epochs = {t.max_epochs}): this run stops before the sparsity reaches "
                       f"{cfg.sparsity.target}. Use -1 for the end of training.", stacklevel=2)
-    for level in cfg.evaluation.sparsity_levels:
-        if not 0.0 <= level <= 1.0:
-            raise UserError(f"{source}: evaluation.sparsity_levels must lie in [0, 1], got {level}.")
+    require(len(e.sparsity_levels) > 0 and all(0.0 <= v <= 1.0 for v in e.sparsity_levels), source,
+            "evaluation.sparsity_levels", "a non-empty list of numbers in [0, 1]", e.sparsity_levels)
+    require(e.prior_draws >= 1, source, "evaluation.prior_draws", "≥ 1", e.prior_draws)
+    require(e.diversity_groups >= 1, source, "evaluation.diversity_groups", "≥ 1", e.diversity_groups)
+    require(e.diversity_samples >= 2, source, "evaluation.diversity_samples", "≥ 2", e.diversity_samples)
+    require(len(cfg.data.design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
     if not cfg.data.conditions:
         raise UserError(f"{source}: data.conditions is empty; name at least one condition column.")
     names = [c.name for c in cfg.data.conditions]
@@ -123,11 +147,6 @@ def run_dir_of_checkpoint(ckpt_path: Path) -> Optional[Path]:
     """<run>/checkpoints/x.ckpt → <run>, when that is a run directory."""
     candidate = ckpt_path.resolve().parent.parent
     return candidate if (candidate / "config.yaml").is_file() else None
-
-
-def load_checkpoint_hparams(ckpt_path: str | Path) -> dict:
-    """The stored config, schema and scaler of a checkpoint of this project (a clear error for anything else)."""
-    return read_checkpoint(ckpt_path)["hyper_parameters"]
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -161,8 +180,10 @@ def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str) -> 
     for key in ("design_columns", "conditions"):
         if stored["data"].get(key) != current["data"].get(key):
             differences.append(f"data.{key} differs")
-    if stored["trainer"].get("seed") != current["trainer"]["seed"]:  # masks and noise would change mid-run
-        differences.append(f"trainer.seed: checkpoint {stored['trainer'].get('seed')}, config {current['trainer']['seed']}")
+    for section, key in (("trainer", "seed"), ("trainer", "batch_size"), ("data", "split")):
+        # masks, noise, batches or the training designs would change mid-run
+        if stored[section].get(key) != current[section][key]:
+            differences.append(f"{section}.{key}: checkpoint {stored[section].get(key)!r}, config {current[section][key]!r}")
     if differences:
         raise UserError(f"--ckpt_path {ckpt_path} was trained with another configuration than {source}: "
                         + "; ".join(differences[:6]) + ". Resume with the run's own config (<run>/config.yaml) "
@@ -282,8 +303,8 @@ class RunSetup:
     trainer: pl.Trainer
 
 
-def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str], validate: bool = True,
-                  extra_callbacks: list[Callback] = ()) -> RunSetup:
+def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str],
+                  validate: bool = True) -> RunSetup:
     """The Lightning trainer of a run; without a validation split there is no validation and no best checkpoint."""
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
@@ -298,15 +319,20 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         if wandb_logger is not None:
             loggers.append(wandb_logger)
     callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint, last,
-                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        trainer = pl.Trainer(
-            max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, logger=loggers,
-            callbacks=callbacks, default_root_dir=str(run_dir), check_val_every_n_epoch=t.check_val_every_n_epoch,
-            log_every_n_steps=t.log_every_n_steps, deterministic=True, limit_val_batches=None if validate else 0,
-            plugins=[AtomicCheckpointIO()], enable_model_summary=True, num_sanity_val_steps=0,
-        )
+                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5))]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+            trainer = pl.Trainer(
+                max_epochs=t.max_epochs, accelerator=t.accelerator, devices=1 if t.devices == "auto" else int(t.devices),
+                logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+                check_val_every_n_epoch=t.check_val_every_n_epoch, log_every_n_steps=t.log_every_n_steps,
+                deterministic=True, limit_val_batches=None if validate else 0, plugins=[AtomicCheckpointIO()],
+                enable_model_summary=True, num_sanity_val_steps=0,
+            )
+    except Exception as err:  # Lightning's own words on an impossible accelerator/devices choice
+        raise UserError(f"trainer.accelerator = {t.accelerator!r}, trainer.devices = {t.devices!r} cannot be used "
+                        f"here: {str(err).splitlines()[0]} Pass --accelerator cpu (or auto) and --devices 1.") from None
     return RunSetup(run_dir, checkpoint, trainer)
 
 
@@ -331,27 +357,36 @@ def train_main(argv, spec) -> int:
     """Config → run directory → fit (or resume) → plots → evaluation. Shared by every train script."""
     quiet_lightning()
     args = common_parser(spec.description).parse_args(argv)
-    cfg, source = load_run_config(args, spec.config_cls)
+    cfg, source = load_run_config(args, spec.config_cls, check=spec.check)
     hparams, start_epoch = None, 0
     if args.ckpt_path:
         resume_from = read_checkpoint(args.ckpt_path)
         hparams, start_epoch = resume_from["hyper_parameters"], int(resume_from.get("epoch", -1)) + 1
         check_resume_compatible(hparams, cfg, source, args.ckpt_path)
-    name = args.name or args.cfg_name or Path(source).stem
-    run_dir = (run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
+        if start_epoch >= cfg.trainer.max_epochs:
+            raise UserError(f"--ckpt_path {args.ckpt_path} has already trained {start_epoch} epochs and "
+                            f"trainer.max_epochs is {cfg.trainer.max_epochs}: pass --max_epochs N with N > {start_epoch} "
+                            "to train further.")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    dm, model = spec.build(cfg, hparams)
-    if args.ckpt_path:
-        check_saved_split(dm, run_dir / "split.csv")
-    write_config(cfg, run_dir)
-    dm.split_frame().to_csv(run_dir / "split.csv", index=False)
+    dm, model = spec.build(cfg, hparams)  # reads and checks the data before anything is written
+    if hparams is not None:
+        dm.check_digest(hparams.get("split_digest"), args.ckpt_path)
+    name = args.name or args.cfg_name or Path(source).stem
+    run_dir = (run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
     if not dm.has_validation:
         warnings.warn(f"the validation split is empty ({len(dm.frame)} designs, data.split.val = {cfg.data.split.val}): "
                       "training runs without validation and writes no best checkpoint")
-    setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id,
-                          validate=dm.has_validation)
+    try:
+        setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id,
+                              validate=dm.has_validation)
+    except UserError:
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()  # leave no empty run directory behind
+        raise
+    write_config(cfg, run_dir)
+    dm.split_frame().to_csv(run_dir / "split.csv", index=False)
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
@@ -401,16 +436,3 @@ def _log_images(run, images: dict) -> None:
         run.log({k: wandb.Image(str(v)) for k, v in images.items()})
     except Exception as err:
         print(f"W&B: could not log images ({err})")
-
-
-def check_saved_split(dm, split_csv: Path) -> None:
-    """The data and split of a run must be the ones it was trained on; a changed CSV is an error, not a silent mix."""
-    if not split_csv.is_file():
-        return
-    import pandas as pd
-
-    saved = pd.read_csv(split_csv)
-    now = dm.split_frame()
-    if len(saved) != len(now) or (saved["split"].to_numpy() != now["split"].to_numpy()).any():
-        raise UserError(f"the data file {dm.csv_path} no longer matches the run's split ({split_csv}): rows were added, "
-                        "removed or reordered since training. Use the data the run was trained on (--csv_path).")
