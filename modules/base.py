@@ -31,9 +31,7 @@ class MaskedConditioningModule(pl.LightningModule):
         self.embedding = ConditionEmbedding(self.schema, dim=c.embedding_dim, numerical_mask=c.numerical_mask)
         self.sparsity = self.cfg.sparsity.initial
         self.sparsity_schedule = None  # set by the SparsityScheduler callback
-        self._epoch_keys: tuple[str, ...] = ()
-        self._epoch_sums: Optional[torch.Tensor] = None
-        self._epoch_count = 0
+        self._epoch_sums: dict[str, tuple[tuple[str, ...], torch.Tensor, int]] = {}  # stage → (keys, sums, count)
         self._plain_backward: Optional[bool] = None
 
     def backward_step(self, loss: torch.Tensor) -> None:
@@ -79,26 +77,26 @@ class MaskedConditioningModule(pl.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------------ cheap epoch-level logging
-    def accumulate(self, values: dict[str, torch.Tensor], n: int) -> None:
+    def accumulate(self, values: dict[str, torch.Tensor], n: int, *, stage: str = "train") -> None:
         """Sum detached scalar batch metrics (weighted by batch size) without a host sync per step."""
         weighted = torch.stack(list(values.values())).detach() * n
-        if self._epoch_sums is None:
-            self._epoch_keys, self._epoch_sums = tuple(values), weighted
+        if stage in self._epoch_sums:
+            keys, total, count = self._epoch_sums[stage]
+            self._epoch_sums[stage] = (keys, total + weighted, count + n)
         else:
-            self._epoch_sums += weighted
-        self._epoch_count += n
+            self._epoch_sums[stage] = (tuple(values), weighted, n)
 
-    def log_training_epoch(self, **extra: float) -> None:
-        """Write the epoch means of what `accumulate` summed (as train/<name>) and `extra` to the loggers, then start
-        over. Straight to the loggers: `self.log` costs about as much per key as an optimizer step of a small MLP."""
+    def log_epoch(self, stage: str, **extra: float) -> dict[str, float]:
+        """Write the epoch means of what `accumulate` summed (as <stage>/<name>) and `extra` to the loggers at the
+        optimizer step, then start over. Straight to the loggers: `self.log` costs about as much per key as an
+        optimizer step of a small MLP, and its step counts Lightning steps, not optimizer steps."""
         metrics = dict(extra, epoch=self.current_epoch)
-        if self._epoch_sums is not None and self._epoch_count:
-            means = (self._epoch_sums / self._epoch_count).tolist()
-            metrics.update({f"train/{k}": v for k, v in zip(self._epoch_keys, means)})
+        if stage in self._epoch_sums:
+            keys, total, count = self._epoch_sums.pop(stage)
+            metrics.update({f"{stage}/{k}": v for k, v in zip(keys, (total / count).tolist())})
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
-        self._epoch_sums, self._epoch_count = None, 0
-
+        return metrics
     # ------------------------------------------------------------------ user-facing conditions
     def conditions_from(self, conditions: Mapping | pd.DataFrame | None, n: int) -> tuple[MaskedConditions, pd.DataFrame]:
         """Encode a dict (one set of conditions, n times) or a DataFrame (n times each row); absent conditions and

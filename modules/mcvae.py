@@ -178,20 +178,24 @@ class MCVAE(MaskedConditioningModule):
             optimizer.step()  # advances global_step, which seeds the next step's masks and noise
             if self.ema is not None:
                 self.ema.update(self._averaged_parameters())
-            self.accumulate(out, one[0].shape[0])
+            self.accumulate(out, one[0].shape[0], stage="train")
             losses.append(out["loss"].detach())
         return torch.stack(losses).mean()
 
     def on_train_epoch_end(self):
-        self.log_training_epoch(sparsity=float(self.sparsity), lr=self.optimizers().param_groups[0]["lr"])
+        self.log_epoch("train", sparsity=float(self.sparsity), lr=self.optimizers().param_groups[0]["lr"])
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
     def validation_step(self, batch, batch_idx):
         out = self._step(batch, self.current_sparsity(), self.step_generator(1 + batch_idx))
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, on_step=False, on_epoch=True,
-                      batch_size=batch[0].shape[0])
+        self.accumulate(out, batch[0].shape[0], stage="val")
+
+    def on_validation_epoch_end(self):
+        metrics = self.log_epoch("val")
+        if "val/loss" in metrics:
+            self.log("val/loss", metrics["val/loss"], logger=False)  # what the best checkpoint is chosen by
 
     def configure_optimizers(self):
         o, s = self.cfg.optimizer, self.cfg.lr_scheduler
