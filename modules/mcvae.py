@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Optional
 
-import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +12,7 @@ from torch import nn
 from modules.base import MaskedConditioningModule
 from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, DataConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig,
-                            SparsityConfig, TrainerConfig, WandbConfig, build_dataclass)
+                            SparsityConfig, TrainerConfig, WandbConfig)
 from modules.data import MinMaxScaler
 from modules.ema import EMA
 

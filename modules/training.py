@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import os
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass

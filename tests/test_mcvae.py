@@ -2,9 +2,8 @@ import pandas as pd
 import pytest
 import torch
 
-from modules.data import ParametricDataModule
 from modules.errors import UserError
-from modules.mcvae import MCVAE, kl_divergence
+from modules.mcvae import kl_divergence
 from modules.registry import MCVAE_SPEC
 from modules.training import common_parser, load_run_config
 
