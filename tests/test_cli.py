@@ -79,7 +79,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, biked_slice):
         trainer={"max_epochs": 4, "check_val_every_n_epoch": 1, "checkpoint_every_n_epochs": 1, "batch_size": 64},
         sparsity={"target_at": 3}, lr_scheduler={"step_size": 1, "gamma": 0.5})
     assert train(config, tmp_path / "straight", "--no_eval") == 0
-    assert train(config, tmp_path / "resumed", "--no_eval", "--max_epochs", "2") == 0
+    with pytest.warns(UserWarning, match="beyond the end of training"):  # said out loud, then allowed
+        assert train(config, tmp_path / "resumed", "--no_eval", "--max_epochs", "2") == 0
     first = run_dir_of(tmp_path / "resumed")
     assert torch.load(first / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
     assert train(config, tmp_path / "resumed", "--no_eval", "--max_epochs", "4",
