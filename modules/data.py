@@ -24,8 +24,9 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
     """Read the CSV and check that every configured column exists and every design value is a finite number."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file {path} does not exist. Pass --csv_path PATH or set data.csv_path in the config "
-                        "(the README says where to get the data sets).")
+        raise UserError(f"data file {path} does not exist. Pass --csv_path PATH or set data.csv_path in the config; "
+                        "`bash setup.sh` links the data sets where they lie in ../shared/data, and the README "
+                        "(Data) says where to get them.")
     categorical = [c.name for c in cfg.conditions if c.kind == "categorical"]
     try:
         frame = pd.read_csv(path, dtype={c: str for c in categorical}, keep_default_na=True)
