@@ -71,7 +71,7 @@ def main(argv=None):
         data_cfg = model.cfg.data
         style = data_cfg.plot_style if data_cfg.plot_style != "none" else "points"
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        path = design_grid(designs[model.scaler.columns], Path(args.plot), style=style,
+        path = design_grid(designs, Path(args.plot), style=style,
                            outline_points=data_cfg.outline_points, titles=[f"#{i}" for i in range(args.n)],
                            suptitle=asked)
         print(f"drawing → {path}")

@@ -98,20 +98,6 @@ def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
 
 # --------------------------------------------------------------------------- designs
 
-BIKE_TUBES = [  # (from, to): BIKED reference points
-    ("BB", "seat_tube_top"),  # seat tube
-    ("top_tube_connect_seat_tube", "top_tube_connect_head_tube"),  # top tube
-    ("BB", "down_tube_connect_head_tube"),  # down tube
-    ("down_tube_connect_head_tube", "head_tube_top"),  # head tube
-    ("rear_wheel_center", "BB"),  # chain stay
-    ("rear_wheel_center", "rear_tube_connect_seat_tube"),  # seat stay
-    ("down_tube_connect_head_tube", "front_fork"),  # fork
-    ("front_fork", "front_wheel_center"),  # fork end
-    ("head_tube_top", "stem_top"),  # stem
-    ("seat_tube_top", "saddle_top"),  # seat post
-]
-
-
 def point_pairs(columns: Sequence[str]) -> list[tuple[str, str, str]]:
     """(label, x column, y column) for columns named x_NAME/y_NAME, NAME_x/NAME_y, xNAME/yNAME or NAMEx/NAMEy,
     in column order."""
@@ -131,20 +117,6 @@ def point_pairs(columns: Sequence[str]) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def draw_bike(ax, row: pd.Series, *, color="k") -> None:
-    """Side view of a BIKED design: wheels as circles of the given diameters, tubes as lines between points."""
-    p = {name: (row[f"x_{name}"], row[f"y_{name}"]) for name, _, _ in point_pairs(row.index)}
-    for center, diameter in (("rear_wheel_center", "Wheel diameter rear"), ("front_wheel_center", "Wheel diameter front")):
-        if center in p and diameter in row:
-            ax.add_patch(plt.Circle(p[center], float(row[diameter]) / 2, fill=False, color=color, lw=1.2))
-    for a, b in BIKE_TUBES:
-        if a in p and b in p:
-            ax.plot([p[a][0], p[b][0]], [p[a][1], p[b][1]], color=color, lw=2, solid_capstyle="round")
-    if "saddle_top" in p:
-        x, y = p["saddle_top"]
-        ax.plot([x - 110, x + 120], [y, y], color=color, lw=3, solid_capstyle="round")
-
-
 def draw_points(ax, row: pd.Series, *, outline_points: Optional[int] = None, color="k") -> None:
     pairs = point_pairs(row.index)
     xy = np.array([[row[x], row[y]] for _, x, y in pairs], dtype=float)
@@ -156,9 +128,23 @@ def draw_points(ax, row: pd.Series, *, outline_points: Optional[int] = None, col
         ax.plot(xy[:, 0], xy[:, 1], "o", color=color, ms=3)
 
 
+def _bike_sketches(designs: pd.DataFrame, size: int = 256) -> list[np.ndarray]:
+    """Rendered sketches of the rows, cropped to the band all of them use (the render window is square)."""
+    from modules.render import render_bike
+
+    images = [render_bike(row, row.to_dict(), size=size) for _, row in designs.iterrows()]
+    used = np.flatnonzero((np.stack(images) < 250).any(axis=(0, 2)))
+    top, bottom = (max(used[0] - 4, 0), min(used[-1] + 5, size)) if used.size else (0, size)
+    return [image[top:bottom] for image in images]
+
+
 def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points: Optional[int] = None,
                 titles: Optional[Sequence[str]] = None, columns: int = 4, suptitle: Optional[str] = None) -> Path:
-    """Draw each design of `designs` in a grid of equal-aspect panels with one shared scale; write a PNG."""
+    """Draw each design of `designs` in a grid of panels on one shared scale and write the image.
+
+    `bike`: BIKED sketches from `modules.render` (condition columns in `designs`, such as the rim styles, are drawn
+    too); `profile`/`points`: the (x, y) points, as a closed outline of the first `outline_points` or as dots.
+    """
     from modules.errors import UserError
 
     pairs = point_pairs(designs.columns)
@@ -168,24 +154,22 @@ def design_grid(designs: pd.DataFrame, path: Path, *, style: str, outline_points
     n = len(designs)
     columns = max(1, min(columns, n))
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (1.9 if style == "bike" else 2.4) * rows),
+                             squeeze=False)
     xs = designs[[x for _, x, _ in pairs]].to_numpy(dtype=float)
     ys = designs[[y for _, _, y in pairs]].to_numpy(dtype=float)
-    pad = 0.0
-    if style == "bike":
-        pad = float(np.nanmax(designs[[c for c in designs.columns if c.startswith("Wheel diameter")]].to_numpy(dtype=float))) / 2 if any(
-            c.startswith("Wheel diameter") for c in designs.columns) else 0.0
-    xlim = (np.nanmin(xs) - pad, np.nanmax(xs) + pad)
-    ylim = (np.nanmin(ys) - pad, np.nanmax(ys) + pad * 0.2)
+    xlim = (np.nanmin(xs), np.nanmax(xs))
+    ylim = (np.nanmin(ys), np.nanmax(ys))
+    sketches = _bike_sketches(designs) if style == "bike" else None
     for k, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if k >= n:
             continue
         row = designs.iloc[k]
-        if style == "bike":
-            draw_bike(ax, row)
-        else:
-            draw_points(ax, row, outline_points=outline_points if style == "profile" else None)
+        if sketches is not None:
+            ax.imshow(sketches[k], cmap="gray", vmin=0, vmax=255)
+            continue
+        draw_points(ax, row, outline_points=outline_points if style == "profile" else None)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         ax.set_aspect("equal")
