@@ -61,6 +61,8 @@ class _Canvas:
         return max(1, int(round(mm * self.scale)))
 
     def line(self, a, b, mm: float, fill: int = 0) -> None:
+        if not all(math.isfinite(v) for v in (*a, *b)):
+            return
         self.draw.line([self.xy(a), self.xy(b)], fill=fill, width=self.width(mm))
         r = self.width(mm) / 2  # round caps, so joints look closed
         for p in (a, b):
@@ -70,6 +72,8 @@ class _Canvas:
     def circle(self, center, radius_mm: float, *, outline_mm: float = 0.0, fill: Optional[int] = None) -> None:
         x, y = self.xy(center)
         r = radius_mm * self.scale
+        if not (r > 0 and math.isfinite(r) and math.isfinite(x) and math.isfinite(y)):
+            return  # a generated design may carry a negative or undefined diameter
         box = [x - r, y - r, x + r, y + r]
         if fill is not None:
             self.draw.ellipse(box, fill=fill)

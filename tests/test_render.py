@@ -120,3 +120,11 @@ def test_duplicate_ids_are_refused(tmp_path, biked_frame):
     frame.to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(UserError, match="duplicate ids"):
         render_dataset(tmp_path / "dup.csv", tmp_path / "out", size=64, progress=False)
+
+
+def test_nonsense_generated_designs_still_render(bike):
+    broken = bike.copy()
+    broken["Wheel diameter rear"] = -300.0  # an early, badly trained model can produce this
+    broken["x_BB"] = float("nan")
+    image = render_bike(broken, BASE, size=64)
+    assert image.shape == (64, 64) and image.min() < 128
