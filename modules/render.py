@@ -81,6 +81,8 @@ class _Canvas:
             self.draw.ellipse(box, outline=0, width=self.width(outline_mm))
 
     def polygon(self, points, fill: int = 0) -> None:
+        if not all(math.isfinite(v) for p in points for v in p):
+            return
         self.draw.polygon([self.xy(p) for p in points], fill=fill)
 
 

@@ -128,3 +128,6 @@ def test_nonsense_generated_designs_still_render(bike):
     broken["x_BB"] = float("nan")
     image = render_bike(broken, BASE, size=64)
     assert image.shape == (64, 64) and image.min() < 128
+    broken["x_front_fork"] = float("inf")
+    for extra in ({"Fork type": 2}, {"RIM_STYLE rear": "trispoke"}, {"bottle DOWNTUBE0 show OHCLASS: True": 1}):
+        assert render_bike(broken, {**BASE, **extra}, size=64).shape == (64, 64)
