@@ -225,46 +225,41 @@ class TensorBatches:
             yield chunk
 
 
-class ParametricDataModule(pl.LightningDataModule):
-    """Designs and conditions from one CSV, described by the YAML schema (`DataConfig`)."""
+class ConditionedDataModule(pl.LightningDataModule):
+    """What every data set of this project shares: a table of conditions, the seeded split, the fitted condition
+    schema, tensors per split and the tensor-sliced loaders. Subclasses read the data, fill `self.tensors`
+    (designs, categorical, numerical per split) and define `_fingerprint_rows()`: one hash per row of what the
+    model learns from."""
 
-    def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int = 0, csv_path: Optional[str] = None,
-                 schema: Optional[ConditionSchema] = None, scaler: Optional[MinMaxScaler] = None,
-                 fused_steps: int = 1):
+    def __init__(self, *, batch_size: int, seed: int = 0, fused_steps: int = 1):
         super().__init__()
-        self.cfg = cfg
-        self.fused_steps = fused_steps
-        self.csv_path = csv_path or cfg.csv_path
         self.batch_size = batch_size
         self.seed = seed
-        self.frame = read_table(self.csv_path, cfg)
-        self.assignment = split_rows(self.frame, cfg, cfg.split)
+        self.fused_steps = fused_steps
+        self.device = torch.device("cpu")
+        self.tensors: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _split_and_fit(self, frame: pd.DataFrame, cfg, source: str, schema: Optional[ConditionSchema]) -> pd.DataFrame:
+        """Seeded split of `frame` (every category in training) and the schema fitted on the training rows."""
+        self.frame = frame
+        self.assignment = split_rows(frame, cfg, cfg.split)
         sizes = {name: int((self.assignment == name).sum()) for name in SPLITS}
         if sizes["train"] == 0 or (cfg.split.test > 0 and sizes["test"] == 0):
-            raise UserError(f"{self.csv_path}: {len(self.frame)} designs split {cfg.split.train}/{cfg.split.val}/"
+            raise UserError(f"{source}: {len(frame)} designs split {cfg.split.train}/{cfg.split.val}/"
                             f"{cfg.split.test} leave {sizes} rows per split; the training and test splits need at "
                             "least one design each. Add data or change data.split.")
-        train = self.frame[self.assignment == "train"]
-        # a checkpoint brings its own fitted schema and scaler (evaluation, sampling, resume)
+        train = frame[self.assignment == "train"]
+        # a checkpoint brings its own fitted schema (evaluation, sampling, resume)
         self.schema = schema or ConditionSchema.fit(cfg.conditions, train, fixed_vocabularies=cfg.vocabularies,
-                                                    source=str(self.csv_path))
-        self.scaler = scaler or MinMaxScaler.fit(train, list(cfg.design_columns), dataset=self.frame)
-        self.tensors = {name: self._encode(self.frame[self.assignment == name]) for name in SPLITS}
-        self.device = torch.device("cpu")
-
-    def _encode(self, part: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        design = self.scaler.transform(part)
-        cat, num = self.schema.encode(part, source=str(self.csv_path))
-        return design, cat, num
+                                                    source=source)
+        return train
 
     def split_digest(self) -> str:
-        """A fingerprint of the data and its split: every row's design and condition values, in order, with its
-        split. Stored in checkpoints, so evaluating or resuming on other data (or reordered rows) is caught."""
+        """A fingerprint of the data and its split: every row's designs and conditions, in order, with its split.
+        Stored in checkpoints, so evaluating or resuming on other data (or reordered rows) is caught."""
         import hashlib
 
-        columns = list(self.cfg.design_columns) + [c.name for c in self.cfg.conditions]
-        rows = pd.util.hash_pandas_object(self.frame[columns], index=False).to_numpy()
-        digest = hashlib.sha256(rows.tobytes())
+        digest = hashlib.sha256(np.ascontiguousarray(self._fingerprint_rows()).tobytes())
         digest.update("".join(s[0] for s in self.assignment).encode())
         return digest.hexdigest()[:16]
 
@@ -307,3 +302,27 @@ class ParametricDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return TensorBatches(self.tensors["test"], batch_size=self.batch_size, shuffle=False)
+
+
+class ParametricDataModule(ConditionedDataModule):
+    """Designs and conditions from one CSV, described by the YAML schema (`DataConfig`)."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int = 0, csv_path: Optional[str] = None,
+                 schema: Optional[ConditionSchema] = None, scaler: Optional[MinMaxScaler] = None,
+                 fused_steps: int = 1):
+        super().__init__(batch_size=batch_size, seed=seed, fused_steps=fused_steps)
+        self.cfg = cfg
+        self.csv_path = csv_path or cfg.csv_path
+        frame = read_table(self.csv_path, cfg)
+        train = self._split_and_fit(frame, cfg, str(self.csv_path), schema)
+        self.scaler = scaler or MinMaxScaler.fit(train, list(cfg.design_columns), dataset=self.frame)
+        self.tensors = {name: self._encode(self.frame[self.assignment == name]) for name in SPLITS}
+
+    def _encode(self, part: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        design = self.scaler.transform(part)
+        cat, num = self.schema.encode(part, source=str(self.csv_path))
+        return design, cat, num
+
+    def _fingerprint_rows(self) -> np.ndarray:
+        columns = list(self.cfg.design_columns) + [c.name for c in self.cfg.conditions]
+        return pd.util.hash_pandas_object(self.frame[columns], index=False).to_numpy()
