@@ -7,16 +7,20 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
+from torch import nn
+
 from modules.conditioning import ConditionEmbedding, ConditionMasking, ConditionSchema, MaskedConditions
 from modules.config import build_dataclass
+from modules.ema import EMA
 from modules.errors import UserError
 
 
 class MaskedConditioningModule(pl.LightningModule):
-    """Holds the fitted condition schema, `ConditionMasking` and `ConditionEmbedding` built from the run config.
+    """Holds the fitted condition schema, `ConditionMasking` and `ConditionEmbedding` built from the run config,
+    and the training loop every model shares (manual optimisation, fused steps, EMA, epoch logging, AdamW + StepLR).
 
-    Subclasses set `config_cls` and `model_type`, and read `self.sparsity` (set by the `SparsityScheduler`
-    callback) when they mask conditions in a training step.
+    Subclasses set `config_cls` and `model_type` and define `_step(batch, p, generator) -> {"loss": ..., ...}`
+    (masking the batch's conditions with probability p); with an EMA, `generative_modules()` names what it averages.
     """
 
     config_cls: type
@@ -24,6 +28,7 @@ class MaskedConditioningModule(pl.LightningModule):
 
     def __init__(self, *, config: dict, schema: dict):
         super().__init__()
+        self.automatic_optimization = False  # the shared loop below; Lightning's closure costs more than a small step
         self.cfg = build_dataclass(self.config_cls, config, source="checkpoint config")
         self.schema = ConditionSchema.from_state(schema)
         c = self.cfg.conditioning
@@ -33,6 +38,26 @@ class MaskedConditioningModule(pl.LightningModule):
         self.sparsity_schedule = None  # set by the SparsityScheduler callback
         self._epoch_sums: dict[str, tuple[tuple[str, ...], torch.Tensor, int]] = {}  # stage → (keys, sums, count)
         self._plain_backward: Optional[bool] = None
+        self.ema: Optional[EMA] = None
+        self._ema_sources: Optional[list[torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ EMA
+    def generative_modules(self) -> nn.ModuleDict:
+        """The modules that generate (and that an EMA averages); subclasses with `enable_ema` define it."""
+        return nn.ModuleDict()
+
+    def enable_ema(self, decay: Optional[float]) -> None:
+        self.ema = EMA(self.generative_modules(), decay=decay) if decay else None
+
+    def _averaged_parameters(self) -> list[torch.Tensor]:
+        """The live parameters the EMA follows, in the order of `generative_modules().parameters()` (cached)."""
+        if self._ema_sources is None:
+            self._ema_sources = list(self.generative_modules().parameters())
+        return self._ema_sources
+
+    def _apply(self, fn, recurse=True):
+        self._ema_sources = None  # moving the module may replace the parameter tensors
+        return super()._apply(fn, recurse)
 
     def backward_step(self, loss: torch.Tensor) -> None:
         """Gradients of `loss` for a manual optimizer step (used instead of `manual_backward`).
@@ -75,6 +100,50 @@ class MaskedConditioningModule(pl.LightningModule):
         if isinstance(batch, tuple) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # ------------------------------------------------------------------ the shared training loop
+    def training_step(self, batch, batch_idx):
+        """One optimizer step per batch; a list of batches (`trainer.fused_steps` > 1) is several steps in a row.
+        Returns the mean loss (NaN if any step's loss was NaN)."""
+        optimizer = self.optimizers()
+        losses = []
+        for one in batch if isinstance(batch, list) else [batch]:
+            out = self._step(one, self.current_sparsity(), self.step_generator(0))
+            optimizer.zero_grad(set_to_none=True)
+            self.backward_step(out["loss"])
+            if self.cfg.optimizer.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
+            optimizer.step()  # advances global_step, which seeds the next step's masks and noise
+            if self.ema is not None:
+                self.ema.update(self._averaged_parameters())
+            self.accumulate(out, one[0].shape[0], stage="train")
+            losses.append(out["loss"].detach())
+        return torch.stack(losses).mean()
+
+    def on_train_epoch_end(self):
+        self.log_epoch("train", sparsity=float(self.sparsity), lr=self.optimizers().param_groups[0]["lr"])
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def validation_step(self, batch, batch_idx):
+        out = self._step(batch, self.current_sparsity(), self.step_generator(1 + batch_idx))
+        self.accumulate(out, batch[0].shape[0], stage="val")
+
+    def on_validation_epoch_end(self):
+        metrics = self.log_epoch("val")
+        if "val/loss" in metrics:
+            self.log("val/loss", metrics["val/loss"], logger=False)  # what the best checkpoint is chosen by
+
+    def configure_optimizers(self):
+        o, s = self.cfg.optimizer, self.cfg.lr_scheduler
+        # fused AdamW runs on CPU too and is the fastest implementation for many small tensors
+        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                      fused=True)
+        if s.name == "none":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ cheap epoch-level logging
     def accumulate(self, values: dict[str, torch.Tensor], n: int, *, stage: str = "train") -> None:

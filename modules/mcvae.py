@@ -14,7 +14,6 @@ from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, DataConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig,
                             SparsityConfig, TrainerConfig, WandbConfig)
 from modules.data import MinMaxScaler
-from modules.ema import EMA
 
 ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
@@ -95,7 +94,6 @@ class MCVAE(MaskedConditioningModule):
     def __init__(self, *, config: dict, schema: dict, design_scaler: dict, split_digest: Optional[str] = None):
         super().__init__(config=config, schema=schema)
         self.save_hyperparameters()
-        self.automatic_optimization = False  # a plain step: Lightning's closure costs more than this MLP's step
         self.scaler = MinMaxScaler.from_state(design_scaler)
         m = self.cfg.model
         act = ACTIVATIONS[m.activation]
@@ -109,21 +107,10 @@ class MCVAE(MaskedConditioningModule):
         if m.init == "lecun":
             for module in (self.encoder, self.to_posterior, self.decoder):
                 lecun_normal_(module)
-        self.ema = EMA(self._generative_path(), decay=m.ema_decay) if m.ema_decay else None
-        self._ema_sources: Optional[list[torch.Tensor]] = None
+        self.enable_ema(m.ema_decay)
 
-    def _generative_path(self) -> nn.ModuleDict:
+    def generative_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"embedding": self.embedding, "decoder": self.decoder})
-
-    def _averaged_parameters(self) -> list[torch.Tensor]:
-        """The live parameters the EMA follows, in the order of `_generative_path().parameters()` (cached)."""
-        if self._ema_sources is None:
-            self._ema_sources = list(self._generative_path().parameters())
-        return self._ema_sources
-
-    def _apply(self, fn, recurse=True):
-        self._ema_sources = None  # moving the module may replace the parameter tensors
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ model
     def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,50 +147,6 @@ class MCVAE(MaskedConditioningModule):
         design, cat, num = batch
         reconstruction, mu, logvar = self(design, self.mask(cat, num, p, generator), generator)
         return self.loss(design, reconstruction, mu, logvar)
-
-    # ------------------------------------------------------------------ training
-    def training_step(self, batch, batch_idx):
-        """One optimizer step per batch; a list of batches (`trainer.fused_steps` > 1) is several steps in a row.
-        Returns the mean loss (NaN if any step's loss was NaN)."""
-        optimizer = self.optimizers()
-        losses = []
-        for one in batch if isinstance(batch, list) else [batch]:
-            out = self._step(one, self.current_sparsity(), self.step_generator(0))
-            optimizer.zero_grad(set_to_none=True)
-            self.backward_step(out["loss"])
-            if self.cfg.optimizer.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
-            optimizer.step()  # advances global_step, which seeds the next step's masks and noise
-            if self.ema is not None:
-                self.ema.update(self._averaged_parameters())
-            self.accumulate(out, one[0].shape[0], stage="train")
-            losses.append(out["loss"].detach())
-        return torch.stack(losses).mean()
-
-    def on_train_epoch_end(self):
-        self.log_epoch("train", sparsity=float(self.sparsity), lr=self.optimizers().param_groups[0]["lr"])
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
-    def validation_step(self, batch, batch_idx):
-        out = self._step(batch, self.current_sparsity(), self.step_generator(1 + batch_idx))
-        self.accumulate(out, batch[0].shape[0], stage="val")
-
-    def on_validation_epoch_end(self):
-        metrics = self.log_epoch("val")
-        if "val/loss" in metrics:
-            self.log("val/loss", metrics["val/loss"], logger=False)  # what the best checkpoint is chosen by
-
-    def configure_optimizers(self):
-        o, s = self.cfg.optimizer, self.cfg.lr_scheduler
-        # fused AdamW runs on CPU too and is the fastest implementation for many small tensors
-        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                      fused=True)
-        if s.name == "none":
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -86,10 +86,10 @@ def test_ema_tracks_the_generative_path(biked_slice):
     with torch.no_grad():
         live.add_(1.0)
     assert model.ema.current_decay() == pytest.approx(0.1)  # warm-up: (1 + 0) / (10 + 0)
-    model.ema.update(model._generative_path().parameters())
+    model.ema.update(model.generative_modules().parameters())
     assert torch.allclose(model.ema.shadow["decoder"][1].weight, before + 0.9)
     for _ in range(100):
-        model.ema.update(model._generative_path().parameters())
+        model.ema.update(model.generative_modules().parameters())
     assert model.ema.current_decay() == 0.5 and int(model.ema.updates) == 101
     assert not model.ema.shadow["decoder"][1].weight.requires_grad
     assert any(k.startswith("ema.shadow.decoder") for k in model.state_dict())  # saved in checkpoints
