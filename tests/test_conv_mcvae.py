@@ -1,0 +1,92 @@
+"""conv-mcVAE: shapes for several level/attention settings, attention heads, and a few training steps."""
+import pandas as pd
+import pytest
+import torch
+
+from modules.conditioning import ConditionSchema
+from modules.config import ConditionSpec, build_dataclass, to_dict
+from modules.conv_mcvae import ConvMCVAE, ConvMCVAERunConfig, SelfAttention, check_conv_mcvae_config
+from modules.errors import UserError
+
+FRAME = pd.DataFrame({"style": ["ROAD", "MTB", "ROAD", "BMX"], "teeth": [50.0, 32.0, None, 28.0]})
+SPECS = [ConditionSpec("style", "categorical"), ConditionSpec("teeth", "numerical")]
+
+
+def build(image_size=32, channels=1, **model):
+    raw = {"model_type": "conv_mcvae",
+           "data": {"images_path": ".", "csv_path": "c.csv", "id_column": "id", "image_size": image_size,
+                    "channels": channels, "conditions": [{"name": "style", "kind": "categorical"},
+                                                         {"name": "teeth", "kind": "numerical"}]},
+           "model": {"start_channels": 8, "image_embedding_dim": 8, "attention_heads": 2, "attention_head_dim": 8,
+                     "dropout": 0.1, **model}}
+    cfg = build_dataclass(ConvMCVAERunConfig, raw, source="test")
+    check_conv_mcvae_config(cfg, "test")
+    schema = ConditionSchema.fit(SPECS, FRAME)
+    return ConvMCVAE(config=to_dict(cfg), schema=schema.state_dict()), schema
+
+
+@pytest.mark.parametrize("size,channels,levels,attention", [(32, 1, 2, []), (32, 3, 3, [1, 2]), (64, 1, 3, [2]),
+                                                            (16, 1, 4, [0, 3])])
+def test_shapes(size, channels, levels, attention):
+    torch.manual_seed(0)
+    model, schema = build(size, channels, levels=levels, attention_levels=attention, blocks_per_level=1)
+    images = torch.rand(4, channels, size, size) * 2 - 1
+    conditions = model.mask(*schema.encode(FRAME), 0.3, torch.Generator().manual_seed(0))
+    reconstruction, mu, logvar = model(images, conditions, torch.Generator().manual_seed(1))
+    assert reconstruction.shape == images.shape
+    assert mu.shape == logvar.shape == (4, 4, size // 2 ** levels, size // 2 ** levels) == (4, *model.latent_shape)
+    out = model.loss(images, reconstruction, mu, logvar)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    generated = model.generate(model.masking.mask_all(3))
+    assert generated.shape == (3, channels, size, size)
+
+
+def test_attention_is_standard_multi_head_and_deterministic_in_eval():
+    torch.manual_seed(0)
+    attention = SelfAttention(16, heads=2, head_dim=8, dropout=0.5).eval()
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(attention(x), attention(x))  # no dropout at eval time
+    # the same computation written out with torch's reference MultiheadAttention weights layout
+    b, c, h, w = x.shape
+    qkv = attention.qkv(attention.norm(x)).flatten(2)  # (B, 3·heads·d, HW)
+    q, k, v = qkv.reshape(b, 3, 2, 8, h * w).unbind(1)  # (B, heads, d, HW)
+    weights = torch.softmax(q.transpose(-1, -2) @ k / 8 ** 0.5, dim=-1)  # (B, heads, HW, HW)
+    heads = (weights @ v.transpose(-1, -2)).transpose(-1, -2).reshape(b, 16, h, w)
+    assert torch.allclose(attention(x), x + attention.out(heads), atol=1e-5)
+    # a position's output depends on that sample only (heads and positions are not mixed across the batch)
+    y = x.clone()
+    y[1] += 1
+    assert torch.allclose(attention(x)[0], attention(y)[0])
+
+
+def test_conditions_change_the_generated_images():
+    torch.manual_seed(0)
+    model, schema = build(32, levels=2, attention_levels=[])
+    model.eval()
+    cat, num = schema.encode(FRAME)
+    z = torch.randn(1, *model.latent_shape).expand(4, -1, -1, -1)
+    images = model.generate(model.mask(cat, num, 0.0), z=z)
+    assert not torch.allclose(images[0], images[1])  # ROAD vs MTB from the same z
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0)
+    images = (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1
+    cat, num = schema.encode(FRAME)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        out = model._step((images, cat, num), 0.1, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["reconstruction"].item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="data.image_size must be a multiple of 2\\^levels = 32"):
+        build(48, levels=5)
+    with pytest.raises(UserError, match="model.attention_levels must be levels in \\[0, 1\\]"):
+        build(32, levels=2, attention_levels=[3])
