@@ -18,7 +18,8 @@ def parse_args(argv=None):
     p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
                    help="a known condition (repeatable); quote names with spaces: --condition 'Fork type=1'")
     p.add_argument("--n", type=int, default=8, help="number of designs (default 8)")
-    p.add_argument("--out", required=True, help="CSV file for the generated designs")
+    p.add_argument("--out", required=True, help="CSV file for generated designs; PNG grid for generated images")
+    p.add_argument("--singles", help="image models: also write each image as <folder>/<i>.png")
     p.add_argument("--plot", help="PNG file with the designs drawn in a grid")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return p.parse_args(argv)
@@ -56,6 +57,9 @@ def main(argv=None):
     checkpoint = read_checkpoint(args.ckpt)
     _, model = spec_for(checkpoint, args.ckpt).load(checkpoint, with_data=False)
     conditions = parse_conditions(args.condition, model.schema.names)
+    asked = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions (unconditional)"
+    if model.model_type == "conv_mcvae":
+        return _sample_images(model, conditions, args, asked)
     designs = model.sample(conditions, n=args.n, seed=args.seed)
     out = Path(args.out)
     try:
@@ -63,7 +67,6 @@ def main(argv=None):
         designs.to_csv(out, index=False)
     except OSError as err:
         raise UserError(f"--out {out} cannot be written ({err.strerror}); choose another path.") from None
-    asked = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions (unconditional)"
     print(f"{args.n} designs for {asked} → {out}")
     if args.plot:
         from modules.plotting import design_grid
@@ -75,6 +78,30 @@ def main(argv=None):
                            outline_points=data_cfg.outline_points, titles=[f"#{i}" for i in range(args.n)],
                            suptitle=asked)
         print(f"drawing → {path}")
+    return 0
+
+
+def _sample_images(model, conditions: dict, args, asked: str) -> int:
+    from PIL import Image
+
+    from modules.image_evaluation import image_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: an image model writes a PNG grid; give a file ending in .png.")
+    images = model.sample(conditions, n=args.n, seed=args.seed)
+    per_row = 8
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid([images[i:i + per_row] for i in range(0, len(images), per_row)], out)
+        if args.singles:
+            folder = Path(args.singles)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images.cpu().numpy()):
+                Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    except OSError as err:
+        raise UserError(f"cannot write {err.filename} ({err.strerror}); choose another path.") from None
+    print(f"{args.n} images for {asked} → {out}" + (f" and {args.singles}/<i>.png" if args.singles else ""))
     return 0
 
 

@@ -212,3 +212,21 @@ class ConvMCVAE(MaskedConditioningModule):
         if z is None:
             z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
         return self.decode(z.to(self.device), conditions, averaged=True)
+
+    @torch.no_grad()
+    def sample(self, conditions=None, n: int = 1, *, seed: Optional[int] = None) -> torch.Tensor:
+        """uint8 images (n per request row, shape (N, C, H, W)) for any subset of conditions (the rest masked);
+        `conditions` as for the mcVAE: a dict or a DataFrame."""
+        from modules.image_data import from_model_range
+
+        was_training = self.training
+        self.eval()
+        masked, _ = self.conditions_from(conditions, n)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        images = from_model_range(self.generate(masked, generator=generator), self.cfg.data.value_range)
+        self.train(was_training)
+        return images

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -32,32 +32,33 @@ def level_masks(model, cat: torch.Tensor, num: torch.Tensor, level: float, unifo
 
 
 @torch.no_grad()
-def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
-    """Mean per-design Σ squared error in the min-max normalised design space (`cfg.error_scale`) per sparsity level.
-
-    `paper`: one z ~ N(0, I) (seed `paper_z_seed`) shared by every design, as the authors' evaluation;
-    `prior`: a fresh z per design, averaged over `prior_draws` draws.
+def error_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *, error: Callable[[torch.Tensor], float],
+                       name: str) -> pd.DataFrame:
+    """`error(generated)` against the targets at each sparsity level, under two latent protocols:
+    `<name>_paper`: one z ~ N(0, I) (seed `paper_z_seed`) shared by every design, as the authors' evaluation;
+    `<name>_prior`: a fresh z per design, averaged over `prior_draws` draws (± `<name>_prior_std`).
     """
-    latent = model.cfg.model.latent_dim
-    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
-
-    def sse(generated: torch.Tensor) -> float:
-        return ((generated - design).pow(2) * weights).sum(1).mean().item()
-
-    z_paper = torch.randn((1, latent), generator=_generator(cfg.paper_z_seed, design.device), device=design.device)
+    g_paper = _generator(cfg.paper_z_seed, target.device)
+    z_paper = torch.randn((1, *model.latent_shape), generator=g_paper, device=target.device)
     uniform = mask_draws(cat, num, cfg)
     rows = []
     for i, level in enumerate(cfg.sparsity_levels):
         conditions = level_masks(model, cat, num, level, uniform)
-        paper = model.generate(conditions, z=z_paper.expand(len(design), -1))
-        sse_paper = sse(paper)
-        g = _generator(cfg.paper_z_seed + 1 + i, design.device)
-        draws = [sse(model.generate(conditions, generator=g)) for _ in range(cfg.prior_draws)]
-        rows.append({"sparsity": level, "sse_paper": sse_paper, "sse_prior": float(np.mean(draws)),
-                     "sse_prior_std": float(np.std(draws))})
+        paper = error(model.generate(conditions, z=z_paper.expand(len(target), *z_paper.shape[1:])))
+        g = _generator(cfg.paper_z_seed + 1 + i, target.device)
+        draws = [error(model.generate(conditions, generator=g)) for _ in range(cfg.prior_draws)]
+        rows.append({"sparsity": level, f"{name}_paper": paper, f"{name}_prior": float(np.mean(draws)),
+                     f"{name}_prior_std": float(np.std(draws))})
     table = pd.DataFrame(rows)
     mean = {"sparsity": "mean", **{c: table[c].mean() for c in table.columns if c != "sparsity"}}
     return pd.concat([table.astype({"sparsity": object}), pd.DataFrame([mean])], ignore_index=True)
+
+
+def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+    """Mean per-design Σ squared error in the min-max normalised design space (`cfg.error_scale`) per level."""
+    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
+    return error_per_sparsity(model, design, cat, num, cfg, name="sse",
+                              error=lambda generated: ((generated - design).pow(2) * weights).sum(1).mean().item())
 
 
 # --------------------------------------------------------------------------- adherence
@@ -130,6 +131,7 @@ def _truth(kind, j, cat_np, num_np, model):
 
 
 def _mean_pairwise_distance(x: torch.Tensor) -> float:
+    x = x.flatten(1).float()
     n = x.shape[0]
     if n < 2:
         return float("nan")
@@ -200,7 +202,8 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
     tables["diversity"] = diversity(model, design, cat, num, cfg)
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False)
-    figures = {"mse_per_sparsity": plotting.plot_sse_per_sparsity(tables["mse_per_sparsity"], out_dir / "mse_per_sparsity.png")}
+    figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], "sse",
+                                                                     out_dir / "mse_per_sparsity.png")}
     if "adherence" in tables:
         figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
     sse = tables["mse_per_sparsity"].set_index("sparsity")

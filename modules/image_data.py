@@ -122,6 +122,30 @@ def load_images(paths: list[Path], cfg: ImageDataConfig, *, progress: bool = Tru
     return tensor
 
 
+def resolve_rendered_sketches(cfg: ImageDataConfig) -> ImageDataConfig:
+    """`images_path` naming a BIKED parametric CSV: render its sketches once into data/.cache and use them."""
+    from dataclasses import replace
+
+    from modules.render import render_dataset
+
+    source = Path(cfg.images_path)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        folder = Path("data") / ".cache" / f"sketches_{digest}_{cfg.image_size}"
+        table = folder / "conditions.csv"
+        if not table.is_file():  # written last: a missing table means an unfinished render
+            log.warning("rendering the sketches of %s into %s", source, folder)
+            render_dataset(source, folder, size=cfg.image_size, workers=os.cpu_count() or 1)
+        return replace(cfg, images_path=str(folder), csv_path=str(table), id_column="Bike index",
+                       image_template="{id}.png")
+    if not source.is_dir():
+        raise UserError(f"image folder {source} does not exist. Render the BIKED sketches with `python -m "
+                        f"modules.render --csv data/biked/df_parameters_final.csv --out {source} --size "
+                        f"{cfg.image_size}`, or pass --images_path data/biked/df_parameters_final.csv to render them "
+                        "on the fly.")
+    return cfg
+
+
 def to_model_range(images: torch.Tensor, value_range: str) -> torch.Tensor:
     """uint8 → float in [-1, 1] or [0, 1]."""
     x = images.float() / 255.0

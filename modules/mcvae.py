@@ -112,6 +112,10 @@ class MCVAE(MaskedConditioningModule):
     def generative_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"embedding": self.embedding, "decoder": self.decoder})
 
+    @property
+    def latent_shape(self) -> tuple[int]:
+        return (self.cfg.model.latent_dim,)
+
     # ------------------------------------------------------------------ model
     def encode(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.to_posterior(self.encoder(design)).chunk(2, dim=1)

@@ -61,15 +61,16 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def plot_sse_per_sparsity(table: pd.DataFrame, path: Path) -> Path:
+def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
+    """The `<name>_paper` and `<name>_prior` columns of an error-per-sparsity table against the sparsity."""
     levels = table[table["sparsity"] != "mean"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     x = levels["sparsity"].astype(float)
-    ax.plot(x, levels["sse_paper"], "o-", label="paper protocol (one shared z)")
-    ax.errorbar(x, levels["sse_prior"], yerr=levels["sse_prior_std"], fmt="s--", capsize=3,
+    ax.plot(x, levels[f"{name}_paper"], "o-", label="paper protocol (one shared z)")
+    ax.errorbar(x, levels[f"{name}_prior"], yerr=levels[f"{name}_prior_std"], fmt="s--", capsize=3,
                 label="prior protocol (z per design)")
     ax.set_xlabel("evaluation sparsity (fraction of conditions masked)")
-    ax.set_ylabel("per-design SSE (normalised)")
+    ax.set_ylabel({"sse": "per-design SSE (normalised)", "mse": "pixel MSE"}.get(name, name))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -18,6 +18,7 @@ class ModelSpec:
     build: Callable[..., tuple[Any, Any]]  # (cfg, hparams | None) -> (datamodule, model)
     load: Callable[..., tuple[Any, Any]]  # (ckpt path or dict, csv_path | None, with_data) -> (datamodule, model)
     evaluate: Callable[..., Any]  # (model, datamodule, out_dir, split, wandb_run) -> tables
+    extra_flags: tuple = ()  # (flag, section, key, help): CLI overrides of this model's train script
 
 
 # --------------------------------------------------------------------------- mcVAE
@@ -81,7 +82,73 @@ def _mcvae_spec() -> ModelSpec:
 
 
 MCVAE_SPEC = _mcvae_spec()
-SPECS = {MCVAE_SPEC.model_type: MCVAE_SPEC}
+
+
+# --------------------------------------------------------------------------- conv-mcVAE
+
+
+def _image_datamodule(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = None):
+    from modules.conditioning import ConditionSchema
+    from modules.image_data import ImageDataModule
+
+    if csv_path:
+        cfg.data.csv_path = csv_path
+    schema = ConditionSchema.from_state(hparams["schema"]) if hparams else None
+    return ImageDataModule(cfg.data, batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed, schema=schema,
+                           fused_steps=cfg.trainer.fused_steps)
+
+
+def _build_conv_mcvae(cfg, hparams: Optional[dict] = None):
+    from modules.config import to_dict
+    from modules.conv_mcvae import ConvMCVAE
+    from modules.image_data import resolve_rendered_sketches
+
+    cfg.data = resolve_rendered_sketches(cfg.data)
+    dm = _image_datamodule(cfg, hparams)
+    model = ConvMCVAE(config=to_dict(cfg), schema=dm.schema.state_dict(), split_digest=dm.split_digest())
+    return dm, model
+
+
+def _load_conv_mcvae(ckpt: str | Path | dict, csv_path: Optional[str] = None, *, with_data: bool = True):
+    from modules.conv_mcvae import ConvMCVAE, ConvMCVAERunConfig
+    from modules.training import read_checkpoint
+
+    checkpoint = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
+    name = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
+    hparams = checkpoint["hyper_parameters"]
+    try:
+        model = ConvMCVAE(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError, TypeError, UserError) as err:
+        raise UserError(f"{name} does not fit this version's conv-mcVAE ({str(err).splitlines()[0][:300]} …).") from None
+    model.eval()
+    if not with_data:
+        return None, model
+    cfg = build_dataclass(ConvMCVAERunConfig, hparams["config"], source=f"{name} (stored config)")
+    dm = _image_datamodule(cfg, hparams, csv_path=csv_path)
+    dm.check_digest(hparams.get("split_digest"), name)
+    return dm, model
+
+
+def _evaluate_images(model, dm, out_dir, split="test", wandb_run=None, quiet=False):
+    from modules.image_evaluation import evaluate_images
+
+    return evaluate_images(model, dm, out_dir, split=split, wandb_run=wandb_run, quiet=quiet)
+
+
+def _conv_mcvae_spec() -> ModelSpec:
+    from modules.conv_mcvae import ConvMCVAERunConfig, check_conv_mcvae_config
+
+    return ModelSpec("conv_mcvae", "Train a conv-mcVAE on images (convolutional VAE with masked conditions).",
+                     ConvMCVAERunConfig, check_conv_mcvae_config, _build_conv_mcvae, _load_conv_mcvae,
+                     _evaluate_images,
+                     extra_flags=(("--images_path", "data", "images_path",
+                                   "image folder (overrides data.images_path); a BIKED parametric CSV instead is "
+                                   "rendered into a cache of sketches first"),))
+
+
+CONV_MCVAE_SPEC = _conv_mcvae_spec()
+SPECS = {spec.model_type: spec for spec in (MCVAE_SPEC, CONV_MCVAE_SPEC)}
 
 
 def spec_for(checkpoint: dict, name: str = "checkpoint") -> ModelSpec:

@@ -47,8 +47,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callable[[Any, str], None] | None = None):
-    """Read the YAML named on the command line, apply the CLI overrides and validate; returns (config, source)."""
+def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callable[[Any, str], None] | None = None,
+                    extra_flags: tuple = ()):
+    """Read the YAML named on the command line, apply the CLI overrides and validate; returns (config, source).
+    `extra_flags`: a model's own (flag, section, key, help) overrides, such as --images_path."""
     path = config_path(args.cfg_name, args.config)
     raw = read_yaml(path)
     source = str(path)
@@ -58,6 +60,7 @@ def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callab
         ("trainer", "seed"): args.seed,
         ("trainer", "accelerator"): args.accelerator,
         ("trainer", "devices"): _devices(args.devices),
+        **{(section, key): getattr(args, flag.lstrip("-")) for flag, section, key, _ in extra_flags},
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -117,11 +120,13 @@ def check_common(cfg, source: str) -> None:
     require(e.prior_draws >= 1, source, "evaluation.prior_draws", "≥ 1", e.prior_draws)
     require(e.diversity_groups >= 1, source, "evaluation.diversity_groups", "≥ 1", e.diversity_groups)
     require(e.diversity_samples >= 2, source, "evaluation.diversity_samples", "≥ 2", e.diversity_samples)
-    require(len(cfg.data.design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
+    design_columns = getattr(cfg.data, "design_columns", None)  # parametric data only
+    if design_columns is not None:
+        require(len(design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
     if not cfg.data.conditions:
         raise UserError(f"{source}: data.conditions is empty; name at least one condition column.")
     names = [c.name for c in cfg.data.conditions]
-    overlap = set(names) & set(cfg.data.design_columns)
+    overlap = set(names) & set(design_columns or [])
     if overlap:
         raise UserError(f"{source}: column(s) {sorted(overlap)} are both design columns and conditions.")
     if len(set(names)) != len(names):
@@ -355,8 +360,11 @@ def write_config(cfg, run_dir: Path) -> None:
 def train_main(argv, spec) -> int:
     """Config → run directory → fit (or resume) → plots → evaluation. Shared by every train script."""
     quiet_lightning()
-    args = common_parser(spec.description).parse_args(argv)
-    cfg, source = load_run_config(args, spec.config_cls, check=spec.check)
+    parser = common_parser(spec.description)
+    for flag, section, key, help_text in spec.extra_flags:
+        parser.add_argument(flag, help=help_text)
+    args = parser.parse_args(argv)
+    cfg, source = load_run_config(args, spec.config_cls, check=spec.check, extra_flags=spec.extra_flags)
     hparams, start_epoch = None, 0
     if args.ckpt_path:
         resume_from = read_checkpoint(args.ckpt_path)
