@@ -1,0 +1,106 @@
+"""train_conv_mcvae.py end to end on a few dozen 32 px renders: run directory, resume, sample.py, evaluate.py."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import evaluate
+import sample
+import train_conv_mcvae
+from tests.conftest import ROOT
+from tests.test_cli import expect_error, run_dir_of
+
+
+def conv_config(tmp_path, images_path, **trainer):
+    raw = yaml.safe_load((ROOT / "configs" / "conv_mcvae_biked_small.yaml").read_text())
+    raw["data"].update({"images_path": str(images_path), "image_size": 32})
+    raw["model"].update({"levels": 2, "attention_levels": [1], "start_channels": 8, "image_embedding_dim": 8,
+                         "attention_head_dim": 8})
+    raw["trainer"].update({"max_epochs": 2, "batch_size": 16, "num_threads": 1, **trainer})
+    raw["evaluation"].update({"prior_draws": 1, "diversity_groups": 2, "diversity_samples": 2})
+    path = tmp_path / "conv.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def conv_run(tmp_path_factory, biked_frame):
+    tmp = tmp_path_factory.mktemp("conv")
+    csv = tmp / "bikes.csv"
+    biked_frame.head(48).to_csv(csv, index=False)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)  # the on-the-fly render cache goes to ./data/.cache
+    try:
+        config = conv_config(tmp, csv)
+        assert train_conv_mcvae.main(["--config", str(config), "--logdir", str(tmp / "logs"), "--name", "c"]) == 0
+    finally:
+        mp.undo()
+    return run_dir_of(tmp / "logs"), config, tmp
+
+
+def test_run_directory(conv_run):
+    run, _, tmp = conv_run
+    for name in ["config.yaml", "split.csv", "metrics.csv", "checkpoints/last.ckpt", "plots/loss.png",
+                 "eval/mse_per_sparsity.csv", "eval/mse_per_sparsity.png", "eval/diversity.csv", "eval/samples.png",
+                 "eval/summary.json"]:
+        assert (run / name).is_file(), name
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert "sketches_" in stored["data"]["images_path"]  # rendered on the fly from the parametric CSV
+    assert len(list((tmp / "data" / ".cache").glob("sketches_*_32/*.png"))) == 48
+    table = pd.read_csv(run / "eval/mse_per_sparsity.csv")
+    assert len(table) == 11 and (table["mse_paper"] > 0).all()
+    summary = json.loads((run / "eval/summary.json").read_text())
+    assert summary["n_images"] == (pd.read_csv(run / "split.csv")["split"] == "test").sum()
+    grid = Image.open(run / "eval/samples.png")
+    assert grid.size[1] == 4 * 32 + 3 * 2  # real + three sparsity levels
+
+
+def test_resume_equals_straight(tmp_path, biked_frame):
+    from modules.render import render_dataset
+
+    csv = tmp_path / "bikes.csv"
+    biked_frame.head(40).to_csv(csv, index=False)
+    table = render_dataset(csv, tmp_path / "png", size=32, progress=False)
+    config = conv_config(tmp_path, tmp_path / "png", max_epochs=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["csv_path"] = str(table)
+    raw["sparsity"]["target_at"] = 1
+    config.write_text(yaml.safe_dump(raw))
+    args = ["--config", str(config), "--no_eval"]
+    assert train_conv_mcvae.main([*args, "--logdir", str(tmp_path / "a")]) == 0
+    with pytest.warns(UserWarning, match="beyond the end of training"):
+        assert train_conv_mcvae.main([*args, "--logdir", str(tmp_path / "b"), "--max_epochs", "1"]) == 0
+    run_b = run_dir_of(tmp_path / "b")
+    assert train_conv_mcvae.main([*args, "--logdir", str(tmp_path / "b"), "--ckpt_path",
+                                  str(run_b / "checkpoints/last.ckpt")]) == 0
+    a = torch.load(run_dir_of(tmp_path / "a") / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_b / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_and_evaluate(conv_run, tmp_path, capsys):
+    run, _, tmp = conv_run
+    ckpt = str(run / "checkpoints/last.ckpt")
+    out = tmp_path / "grid.png"
+    assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--condition", "RIM_STYLE rear=disc",
+                        "--n", "10", "--out", str(out), "--singles", str(tmp_path / "single"), "--seed", "1"]) == 0
+    assert Image.open(out).size == (8 * 32 + 7 * 2, 2 * 32 + 2)
+    assert len(list((tmp_path / "single").glob("*.png"))) == 10
+    expect_error(capsys, sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "x.csv")]), "PNG grid")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    try:
+        assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "eval")]) == 0
+    finally:
+        mp.undo()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "eval/mse_per_sparsity.csv"),
+                                  pd.read_csv(run / "eval/mse_per_sparsity.csv"))
+
+
+def test_missing_image_folder(tmp_path, capsys):
+    config = conv_config(tmp_path, tmp_path / "nothing_here")
+    code = train_conv_mcvae.main(["--config", str(config), "--logdir", str(tmp_path / "l")])
+    expect_error(capsys, code, "image folder", "does not exist", "modules.render")
