@@ -8,7 +8,7 @@ learned (transposed-conv) upsampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,14 @@ class ConvMCVAEModelConfig:
 
 
 @dataclass
+class SampleGridConfig:
+    every_n_epochs: int = 5  # 0 = never; grids go to <run>/samples/ and W&B
+    n_real: int = 8  # validation images shown next to their reconstructions from conditions only
+    per_prompt: int = 8
+    prompts: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # partial conditions; {} = unconditional
+
+
+@dataclass
 class ConvMCVAERunConfig:
     model_type: Literal["conv_mcvae"]
     data: ImageDataConfig
@@ -51,6 +59,7 @@ class ConvMCVAERunConfig:
     lr_scheduler: LRSchedulerConfig = field(default_factory=lambda: LRSchedulerConfig(name="none"))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=400, batch_size=140))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    sample_grid: SampleGridConfig = field(default_factory=SampleGridConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -66,6 +75,13 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
             f"levels in [0, {m.levels - 1}]", m.attention_levels)
     require(0 <= m.dropout < 1, source, "model.dropout", "in [0, 1)", m.dropout)
     require(0 <= m.kl_weight <= 1, source, "model.kl_weight", "in [0, 1]", m.kl_weight)
+    require(cfg.sample_grid.every_n_epochs >= 0, source, "sample_grid.every_n_epochs", "≥ 0 (0 = never)",
+            cfg.sample_grid.every_n_epochs)
+    names = {c.name for c in cfg.data.conditions}
+    for prompt in cfg.sample_grid.prompts:
+        unknown = sorted(set(prompt) - names)
+        require(not unknown, source, "sample_grid.prompts", f"conditions of data.conditions ({', '.join(sorted(names))})",
+                prompt)
     size = cfg.data.image_size
     require(size % (2 ** m.levels) == 0, source, "data.image_size", f"a multiple of 2^levels = {2 ** m.levels}", size)
 

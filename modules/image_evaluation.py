@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
@@ -83,3 +84,46 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
             print(tables["diversity"].to_string(index=False))
             print(f"\nwritten to {out_dir} (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
     return tables
+
+
+class SampleGridCallback(pl.Callback):
+    """Every N epochs (and after the last): validation images next to images generated from their conditions
+    (one fixed z), and a row per fixed partial prompt; written to <run>/samples/epoch_XXX.png and logged to W&B."""
+
+    def __init__(self, run_dir: Path, cfg):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        epoch, every = trainer.current_epoch + 1, self.cfg.every_n_epochs
+        if not every or (epoch % every and epoch < trainer.max_epochs):
+            return
+        path = write_sample_grid(pl_module, trainer.datamodule, self.cfg,
+                                 self.run_dir / "samples" / f"epoch_{trainer.current_epoch:03d}.png")
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                try:
+                    import wandb
+
+                    logger.experiment.log({"samples": wandb.Image(str(path)), "trainer/global_step": trainer.global_step})
+                except Exception as err:  # W&B never breaks training
+                    print(f"W&B: could not log the sample grid ({err})")
+
+
+@torch.no_grad()
+def write_sample_grid(model, dm, cfg, path: Path) -> Path:
+    """Rows: real validation images, generated from their full conditions, then one row per prompt."""
+    was_training = model.training
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = "val" if len(dm.tensors["val"][0]) else "train"
+    raw, cat, num = (t[: cfg.n_real].to(model.device) for t in dm.tensors[part])
+    g = torch.Generator(device=model.device).manual_seed(0)  # the same z every epoch: the grids compare
+    z = torch.randn((1, *model.latent_shape), generator=g, device=model.device).expand(len(raw), *model.latent_shape)
+    nothing = torch.zeros_like(cat, dtype=torch.bool)
+    generated = model.generate(model.masking.apply(cat, num, nothing, torch.zeros_like(num, dtype=torch.bool)), z=z)
+    rows = [raw, from_model_range(generated, dm.cfg.value_range)]
+    for prompt in cfg.prompts:
+        rows.append(model.sample(prompt, n=cfg.per_prompt, seed=0))
+    image_grid(rows, path)
+    model.train(was_training)
+    return path

@@ -19,6 +19,7 @@ class ModelSpec:
     load: Callable[..., tuple[Any, Any]]  # (ckpt path or dict, csv_path | None, with_data) -> (datamodule, model)
     evaluate: Callable[..., Any]  # (model, datamodule, out_dir, split, wandb_run) -> tables
     extra_flags: tuple = ()  # (flag, section, key, help): CLI overrides of this model's train script
+    callbacks: Optional[Callable[..., list]] = None  # (cfg, run_dir) -> extra Lightning callbacks
 
 
 # --------------------------------------------------------------------------- mcVAE
@@ -136,6 +137,12 @@ def _evaluate_images(model, dm, out_dir, split="test", wandb_run=None, quiet=Fal
     return evaluate_images(model, dm, out_dir, split=split, wandb_run=wandb_run, quiet=quiet)
 
 
+def _image_callbacks(cfg, run_dir):
+    from modules.image_evaluation import SampleGridCallback
+
+    return [SampleGridCallback(run_dir, cfg.sample_grid)] if cfg.sample_grid.every_n_epochs else []
+
+
 def _conv_mcvae_spec() -> ModelSpec:
     from modules.conv_mcvae import ConvMCVAERunConfig, check_conv_mcvae_config
 
@@ -144,7 +151,8 @@ def _conv_mcvae_spec() -> ModelSpec:
                      _evaluate_images,
                      extra_flags=(("--images_path", "data", "images_path",
                                    "image folder (overrides data.images_path); a BIKED parametric CSV instead is "
-                                   "rendered into a cache of sketches first"),))
+                                   "rendered into a cache of sketches first"),),
+                     callbacks=_image_callbacks)
 
 
 CONV_MCVAE_SPEC = _conv_mcvae_spec()

@@ -308,7 +308,7 @@ class RunSetup:
 
 
 def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str],
-                  validate: bool = True) -> RunSetup:
+                  validate: bool = True, extra_callbacks: list[Callback] = ()) -> RunSetup:
     """The Lightning trainer of a run; without a validation split there is no validation and no best checkpoint."""
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
@@ -323,7 +323,7 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         if wandb_logger is not None:
             loggers.append(wandb_logger)
     callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint, last,
-                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5))]
+                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
@@ -387,7 +387,8 @@ def train_main(argv, spec) -> int:
                       "training runs without validation and writes no best checkpoint")
     try:
         setup = build_trainer(cfg, run_dir, use_wandb=args.use_wandb, name=run_dir.name, run_id=args.run_id,
-                              validate=dm.has_validation)
+                              validate=dm.has_validation,
+                              extra_callbacks=spec.callbacks(cfg, run_dir) if spec.callbacks else [])
     except UserError:
         if not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty run directory behind

@@ -21,6 +21,7 @@ def conv_config(tmp_path, images_path, **trainer):
                          "attention_head_dim": 8})
     raw["trainer"].update({"max_epochs": 2, "batch_size": 16, "num_threads": 1, **trainer})
     raw["evaluation"].update({"prior_draws": 1, "diversity_groups": 2, "diversity_samples": 2})
+    raw["sample_grid"].update({"every_n_epochs": 2, "n_real": 4, "per_prompt": 4})
     path = tmp_path / "conv.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -56,6 +57,10 @@ def test_run_directory(conv_run):
     assert summary["n_images"] == (pd.read_csv(run / "split.csv")["split"] == "test").sum()
     grid = Image.open(run / "eval/samples.png")
     assert grid.size[1] == 4 * 32 + 3 * 2  # real + three sparsity levels
+    # training-time grids: real, generated from their conditions, one row per prompt (4 in the config)
+    grids = sorted((run / "samples").glob("epoch_*.png"))
+    assert [g.name for g in grids] == ["epoch_001.png"]
+    assert Image.open(grids[0]).size[1] == 6 * 32 + 5 * 2
 
 
 def test_resume_equals_straight(tmp_path, biked_frame):
