@@ -53,10 +53,19 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         model, images, cat, num, cfg, name="mse",
         error=lambda generated: (generated - images).pow(2).mean().item())}
     tables["diversity"] = diversity(model, images, cat, num, cfg)
+    if cfg.adherence:
+        from modules.image_adherence import fit_condition_classifier, image_adherence
+
+        tr_raw, tr_cat, tr_num = (t.to(model.device) for t in dm.tensors["train"])
+        classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
+                                              model.schema, seed=cfg.mask_seed)
+        tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg)
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False)
     figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], "mse",
                                                                      out_dir / "mse_per_sparsity.png")}
+    if "adherence" in tables:
+        figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
     # real test images, then generated from their conditions at sparsity 0, 0.5 and 0.9 (paper z)
     shown = min(8, len(images))
     uniform = mask_draws(cat, num, cfg)[:shown]
@@ -73,6 +82,8 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                "mse_prior": {str(k): float(v) for k, v in mse["mse_prior"].items()},
                "diversity": tables["diversity"].to_dict(orient="records"),
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
+    if "adherence" in tables:
+        summary["adherence"] = tables["adherence"].to_dict(orient="records")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if wandb_run is not None:
         _log_to_wandb(wandb_run, tables, figures)
@@ -80,6 +91,9 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
             print(f"\nPixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images:")
             print(tables["mse_per_sparsity"].to_string(index=False))
+            if "adherence" in tables:
+                print("\nCondition adherence (accuracy / R² of a CNN trained on real training images):")
+                print(tables["adherence"].to_string(index=False))
             print("\nDiversity (mean pairwise distance of images):")
             print(tables["diversity"].to_string(index=False))
             print(f"\nwritten to {out_dir} (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")

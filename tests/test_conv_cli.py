@@ -46,6 +46,7 @@ def test_run_directory(conv_run):
     run, _, tmp = conv_run
     for name in ["config.yaml", "split.csv", "metrics.csv", "checkpoints/last.ckpt", "plots/loss.png",
                  "eval/mse_per_sparsity.csv", "eval/mse_per_sparsity.png", "eval/diversity.csv", "eval/samples.png",
+                 "eval/adherence.csv", "eval/adherence.png",
                  "eval/summary.json"]:
         assert (run / name).is_file(), name
     stored = yaml.safe_load((run / "config.yaml").read_text())
@@ -109,3 +110,27 @@ def test_missing_image_folder(tmp_path, capsys):
     config = conv_config(tmp_path, tmp_path / "nothing_here")
     code = train_conv_mcvae.main(["--config", str(config), "--logdir", str(tmp_path / "l")])
     expect_error(capsys, code, "image folder", "does not exist", "modules.render")
+
+
+def test_adherence_classifier_learns_rendered_conditions(tmp_path, biked_frame):
+    """On real renders the CNN must read the rim style far better than chance (the generated side is model-bound)."""
+    from modules.conditioning import ConditionSchema
+    from modules.config import ConditionSpec
+    from modules.image_adherence import _predict, fit_condition_classifier
+    from modules.image_data import ImageDataConfig, ImageDataModule
+    from modules.render import render_dataset
+
+    frame = pd.concat([biked_frame[biked_frame["RIM_STYLE rear"] == "disc"].head(40),
+                       biked_frame[biked_frame["RIM_STYLE rear"] == "spoked"].head(40)])
+    frame.to_csv(tmp_path / "b.csv", index=False)
+    table = render_dataset(tmp_path / "b.csv", tmp_path / "png", size=32, progress=False)
+    cfg = ImageDataConfig(images_path=str(tmp_path / "png"), csv_path=str(table), id_column="Bike index",
+                          conditions=[ConditionSpec("RIM_STYLE rear", "categorical")], image_size=32)
+    dm = ImageDataModule(cfg, batch_size=16, progress=False)
+    from modules.image_data import to_model_range
+
+    images, cat, num = dm.tensors["train"]
+    classifier = fit_condition_classifier(to_model_range(images, "minus_one_one"), cat, num, dm.schema, epochs=15)
+    test_images, test_cat, _ = dm.tensors["test"]
+    predicted, _ = _predict(classifier, to_model_range(test_images, "minus_one_one"))
+    assert (predicted[:, 0] == test_cat[:, 0]).float().mean() >= 0.85

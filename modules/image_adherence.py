@@ -1,0 +1,130 @@
+"""Condition adherence for image models: a small CNN trained on real training images predicts each condition;
+its accuracy (R² for numerical conditions) on real test images is the reference for generated images."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.config import EvaluationConfig
+from modules.evaluation import level_masks, mask_draws
+
+
+class ConditionClassifier(nn.Module):
+    """Four stride-2 conv layers, global average pooling, one head per condition (logits or a value)."""
+
+    def __init__(self, channels: int, schema, width: int = 32):
+        super().__init__()
+        layers, previous = [], channels
+        for i in range(4):
+            layers += [nn.Conv2d(previous, width * 2 ** min(i, 2), 3, stride=2, padding=1), nn.GroupNorm(8, width * 2 ** min(i, 2)), nn.SiLU()]
+            previous = width * 2 ** min(i, 2)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.categorical = nn.ModuleList(nn.Linear(previous, len(schema.vocabularies[c.vocabulary]))
+                                         for c in schema.categorical)
+        self.numerical = nn.Linear(previous, len(schema.numerical)) if schema.numerical else None
+
+    def forward(self, images):
+        h = self.features(images)
+        return [head(h) for head in self.categorical], (self.numerical(h) if self.numerical is not None else None)
+
+
+def _loss(model: ConditionClassifier, images, cat, num, tokens):
+    logits, values = model(images)
+    loss = images.new_zeros(())
+    for j, head in enumerate(logits):
+        known = cat[:, j] != tokens[j]
+        if known.any():
+            loss = loss + F.cross_entropy(head[known], cat[known, j])
+    if values is not None:
+        known = ~torch.isnan(num)
+        if known.any():
+            loss = loss + F.mse_loss(values[known], num[known])
+    return loss
+
+
+def fit_condition_classifier(images: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, schema, *, epochs: int = 6,
+                             batch_size: int = 128, seed: int = 0) -> ConditionClassifier:
+    """Train on real images (model value range) and their known conditions; deterministic for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ConditionClassifier(images.shape[1], schema).to(images.device)
+    tokens = torch.tensor(schema.mask_tokens(), device=images.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    model.train()
+    with torch.enable_grad():  # callers evaluate under no_grad
+        _train(model, optimizer, images, cat, num, tokens, epochs, batch_size, generator)
+    return model.eval()
+
+
+def _train(model, optimizer, images, cat, num, tokens, epochs: int, batch_size: int, generator) -> None:
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator).to(images.device)
+        for start in range(0, len(images), batch_size):
+            idx = order[start:start + batch_size]
+            loss = _loss(model, images[idx], cat[idx], num[idx], tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def _predict(model: ConditionClassifier, images: torch.Tensor, batch_size: int = 256):
+    logits, values = [], []
+    for start in range(0, len(images), batch_size):
+        heads, value = model(images[start:start + batch_size])
+        logits.append(torch.stack([h.argmax(1) for h in heads], dim=1) if heads else None)
+        values.append(value)
+    cat = torch.cat(logits) if logits[0] is not None else None
+    num = torch.cat(values) if values[0] is not None else None
+    return cat, num
+
+
+def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]:
+    scores = {}
+    pred_cat, pred_num = predicted
+    for j, cond in enumerate(schema.categorical):
+        keep = keep_cat[:, j]
+        scores[cond.name] = float((pred_cat[keep, j] == cat[keep, j]).float().mean()) if keep.any() else float("nan")
+    for j, cond in enumerate(schema.numerical):
+        keep = keep_num[:, j]
+        truth, guess = num[keep, j], pred_num[keep, j]
+        if keep.sum() < 2:
+            scores[cond.name] = float("nan")
+            continue
+        scores[cond.name] = float(1 - ((guess - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum().clamp_min(1e-12))
+    return scores
+
+
+@torch.no_grad()
+def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+    """Accuracy / R² of the classifier on real test images and on images generated from the test conditions at
+    each sparsity level, scored on the conditions that were neither missing nor masked."""
+    schema = model.schema
+    tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
+    known_cat, known_num = cat != tokens, ~torch.isnan(num)
+    rows = {c.name: {"condition": c.name, "kind": c.kind, "metric": "accuracy" if c.kind == "categorical" else "r2"}
+            for c in schema.conditions}
+    for name, value in _scores(schema, _predict(classifier, images), cat, num, known_cat, known_num).items():
+        rows[name]["real"] = value
+    uniform = mask_draws(cat, num, cfg)
+    g = torch.Generator(device=cat.device).manual_seed(cfg.paper_z_seed + 3000)
+    for level in cfg.sparsity_levels:
+        conditions = level_masks(model, cat, num, level, uniform)
+        generated = torch.cat([model.generate(_slice(conditions, s, s + 256), generator=g)
+                               for s in range(0, len(cat), 256)])
+        keep_cat = known_cat & (conditions.categorical != tokens)
+        keep_num = known_num & ~conditions.numerical_mask
+        for name, value in _scores(schema, _predict(classifier, generated), cat, num, keep_cat, keep_num).items():
+            rows[name][f"{level:g}"] = value
+    return pd.DataFrame(list(rows.values()))
+
+
+def _slice(conditions, start, stop):
+    from modules.conditioning import MaskedConditions
+
+    return MaskedConditions(conditions.categorical[start:stop], conditions.numerical[start:stop],
+                            conditions.numerical_mask[start:stop])
