@@ -2,7 +2,6 @@
 its accuracy (R² for numerical conditions) on real test images is the reference for generated images."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F

@@ -224,7 +224,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs or trainer.should_stop:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: this file resumes the run
 
 
 class NonFiniteLossGuard(Callback):

@@ -114,7 +114,6 @@ def test_missing_image_folder(tmp_path, capsys):
 
 def test_adherence_classifier_learns_rendered_conditions(tmp_path, biked_frame):
     """On real renders the CNN must read the rim style far better than chance (the generated side is model-bound)."""
-    from modules.conditioning import ConditionSchema
     from modules.config import ConditionSpec
     from modules.image_adherence import _predict, fit_condition_classifier
     from modules.image_data import ImageDataConfig, ImageDataModule
