@@ -44,7 +44,7 @@ def _loss(model: ConditionClassifier, images, cat, num, tokens):
     return loss
 
 
-def fit_condition_classifier(images: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, schema, *, epochs: int = 6,
+def fit_condition_classifier(images: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, schema, *, epochs: int = 15,
                              batch_size: int = 128, seed: int = 0) -> ConditionClassifier:
     """Train on real images (model value range) and their known conditions; deterministic for a seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -99,14 +99,24 @@ def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]
 
 
 @torch.no_grad()
-def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig,
+                    train_cat: torch.Tensor | None = None) -> pd.DataFrame:
     """Accuracy / R² of the classifier on real test images and on images generated from the test conditions at
-    each sparsity level, scored on the conditions that were neither missing nor masked."""
+    each sparsity level, scored on the conditions that were neither missing nor masked. `majority`: the accuracy
+    of always answering the most frequent training category (R² 0), the floor a useful classifier must beat."""
     schema = model.schema
     tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
     known_cat, known_num = cat != tokens, ~torch.isnan(num)
     rows = {c.name: {"condition": c.name, "kind": c.kind, "metric": "accuracy" if c.kind == "categorical" else "r2"}
             for c in schema.conditions}
+    for j, cond in enumerate(schema.categorical):
+        reference = train_cat[:, j] if train_cat is not None else cat[:, j]
+        reference = reference[reference != tokens[j]]
+        keep = known_cat[:, j]
+        majority = torch.mode(reference).values if len(reference) else tokens[j]
+        rows[cond.name]["majority"] = float((cat[keep, j] == majority).float().mean()) if keep.any() else float("nan")
+    for cond in schema.numerical:
+        rows[cond.name]["majority"] = 0.0
     for name, value in _scores(schema, _predict(classifier, images), cat, num, known_cat, known_num).items():
         rows[name]["real"] = value
     uniform = mask_draws(cat, num, cfg)

@@ -59,7 +59,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         tr_raw, tr_cat, tr_num = (t.to(model.device) for t in dm.tensors["train"])
         classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
                                               model.schema, seed=cfg.mask_seed)
-        tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg)
+        tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat)
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False)
     figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], "mse",

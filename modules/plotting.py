@@ -87,6 +87,8 @@ def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
         color = f"C{i % 10}"
         ax.plot(x, row[level_columns].astype(float), "o-", color=color, label=f"{row['condition']} ({row['metric']})")
         ax.axhline(row["real"], color=color, ls=":", lw=1)
+        if "majority" in row and row["kind"] == "categorical":
+            ax.axhline(row["majority"], color=color, ls=(0, (1, 4)), lw=0.8)
     ax.set_xlabel("evaluation sparsity")
     ax.set_ylabel("score on generated designs (dotted: real designs)")
     ax.grid(alpha=0.3)
