@@ -187,3 +187,20 @@ class MaskedConditioningModule(pl.LightningModule):
         # absent conditions are already mask tokens / NaN, which `apply` keeps masked
         masked = self.masking.apply(cat, num, torch.zeros_like(cat, dtype=torch.bool), torch.isnan(num))
         return masked, frame
+
+    @torch.no_grad()
+    def generate_for(self, conditions: Mapping | pd.DataFrame | None, n: int,
+                     seed: Optional[int] = None) -> tuple[torch.Tensor, pd.DataFrame]:
+        """Generated outputs (the model's own space) for a dict or DataFrame request, and the request as rows;
+        seeded, or fresh entropy without touching torch's global RNG; the training mode is kept."""
+        was_training = self.training
+        self.eval()
+        masked, frame = self.conditions_from(conditions, n)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        generated = self.generate(masked, generator=generator)
+        self.train(was_training)
+        return generated, frame

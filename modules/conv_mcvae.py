@@ -235,14 +235,6 @@ class ConvMCVAE(MaskedConditioningModule):
         `conditions` as for the mcVAE: a dict or a DataFrame."""
         from modules.image_data import from_model_range
 
-        was_training = self.training
-        self.eval()
-        masked, _ = self.conditions_from(conditions, n)
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        images = from_model_range(self.generate(masked, generator=generator), self.cfg.data.value_range)
-        self.train(was_training)
+        generated, _ = self.generate_for(conditions, n, seed)
+        images = from_model_range(generated, self.cfg.data.value_range)
         return images

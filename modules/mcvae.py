@@ -170,14 +170,6 @@ class MCVAE(MaskedConditioningModule):
         `conditions` is a dict {name: value} (n designs) or a DataFrame (n designs per row; NaN = masked).
         The returned frame carries the requested conditions as columns after the design columns.
         """
-        was_training = self.training
-        self.eval()
-        masked, frame = self.conditions_from(conditions, n)
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()  # fresh entropy, without touching torch's global RNG
-        else:
-            generator.manual_seed(seed)
-        designs = self.scaler.inverse(self.generate(masked, generator=generator))
-        self.train(was_training)
+        generated, frame = self.generate_for(conditions, n, seed)
+        designs = self.scaler.inverse(generated)
         return pd.concat([designs, frame.reset_index(drop=True)], axis=1)

@@ -46,27 +46,32 @@ def _build_mcvae(cfg, hparams: Optional[dict] = None):
     return dm, model
 
 
-def _load_mcvae(ckpt: str | Path | dict, csv_path: Optional[str] = None, *, with_data: bool = True):
-    """(DataModule or None, MCVAE in eval mode) from a checkpoint path or an already read checkpoint."""
-    from modules.mcvae import MCVAE, MCVAERunConfig
-    from modules.training import read_checkpoint
+def _checkpoint_loader(model_cls, config_cls, datamodule_fn):
+    """`load(ckpt, csv_path=None, *, with_data=True) -> (DataModule or None, model in eval mode)` for a model type;
+    `ckpt` is a path or an already read checkpoint."""
 
-    checkpoint = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
-    name = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
-    hparams = checkpoint["hyper_parameters"]
-    try:
-        model = MCVAE(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError, TypeError, UserError) as err:
-        raise UserError(f"{name} does not fit this version's mcVAE ({str(err).splitlines()[0][:300]} …). It was "
-                        "written by another version of the code; retrain or check out that version.") from None
-    model.eval()
-    if not with_data:
-        return None, model
-    cfg = build_dataclass(MCVAERunConfig, hparams["config"], source=f"{name} (stored config)")
-    dm = _parametric_datamodule(cfg, hparams, csv_path=csv_path)
-    dm.check_digest(hparams.get("split_digest"), name)
-    return dm, model
+    def load(ckpt: str | Path | dict, csv_path: Optional[str] = None, *, with_data: bool = True):
+        from modules.training import read_checkpoint
+
+        checkpoint = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
+        name = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
+        hparams = checkpoint["hyper_parameters"]
+        try:
+            model = model_cls(**hparams)
+            model.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, KeyError, TypeError, UserError) as err:
+            raise UserError(f"{name} does not fit this version's {model_cls.__name__} ({str(err).splitlines()[0][:300]}"
+                            " …). It was written by another version of the code; retrain or check out that "
+                            "version.") from None
+        model.eval()
+        if not with_data:
+            return None, model
+        cfg = build_dataclass(config_cls, hparams["config"], source=f"{name} (stored config)")
+        dm = datamodule_fn(cfg, hparams, csv_path=csv_path)
+        dm.check_digest(hparams.get("split_digest"), name)  # refuses data other than the training data
+        return dm, model
+
+    return load
 
 
 def _evaluate_parametric(model, dm, out_dir, split="test", wandb_run=None, quiet=False):
@@ -78,8 +83,11 @@ def _evaluate_parametric(model, dm, out_dir, split="test", wandb_run=None, quiet
 def _mcvae_spec() -> ModelSpec:
     from modules.mcvae import MCVAERunConfig, check_mcvae_config
 
+    from modules.mcvae import MCVAE
+
     return ModelSpec("mcvae", "Train an mcVAE on parametric designs (MLP VAE with masked conditions).",
-                     MCVAERunConfig, check_mcvae_config, _build_mcvae, _load_mcvae, _evaluate_parametric)
+                     MCVAERunConfig, check_mcvae_config, _build_mcvae,
+                     _checkpoint_loader(MCVAE, MCVAERunConfig, _parametric_datamodule), _evaluate_parametric)
 
 
 MCVAE_SPEC = _mcvae_spec()
@@ -110,27 +118,6 @@ def _build_conv_mcvae(cfg, hparams: Optional[dict] = None):
     return dm, model
 
 
-def _load_conv_mcvae(ckpt: str | Path | dict, csv_path: Optional[str] = None, *, with_data: bool = True):
-    from modules.conv_mcvae import ConvMCVAE, ConvMCVAERunConfig
-    from modules.training import read_checkpoint
-
-    checkpoint = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
-    name = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
-    hparams = checkpoint["hyper_parameters"]
-    try:
-        model = ConvMCVAE(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError, TypeError, UserError) as err:
-        raise UserError(f"{name} does not fit this version's conv-mcVAE ({str(err).splitlines()[0][:300]} …).") from None
-    model.eval()
-    if not with_data:
-        return None, model
-    cfg = build_dataclass(ConvMCVAERunConfig, hparams["config"], source=f"{name} (stored config)")
-    dm = _image_datamodule(cfg, hparams, csv_path=csv_path)
-    dm.check_digest(hparams.get("split_digest"), name)
-    return dm, model
-
-
 def _evaluate_images(model, dm, out_dir, split="test", wandb_run=None, quiet=False):
     from modules.image_evaluation import evaluate_images
 
@@ -144,11 +131,11 @@ def _image_callbacks(cfg, run_dir):
 
 
 def _conv_mcvae_spec() -> ModelSpec:
-    from modules.conv_mcvae import ConvMCVAERunConfig, check_conv_mcvae_config
+    from modules.conv_mcvae import ConvMCVAE, ConvMCVAERunConfig, check_conv_mcvae_config
 
     return ModelSpec("conv_mcvae", "Train a conv-mcVAE on images (convolutional VAE with masked conditions).",
-                     ConvMCVAERunConfig, check_conv_mcvae_config, _build_conv_mcvae, _load_conv_mcvae,
-                     _evaluate_images,
+                     ConvMCVAERunConfig, check_conv_mcvae_config, _build_conv_mcvae,
+                     _checkpoint_loader(ConvMCVAE, ConvMCVAERunConfig, _image_datamodule), _evaluate_images,
                      extra_flags=(("--images_path", "data", "images_path",
                                    "image folder (overrides data.images_path); a BIKED parametric CSV instead is "
                                    "rendered into a cache of sketches first"),),
