@@ -204,3 +204,28 @@ class MaskedConditioningModule(pl.LightningModule):
         generated = self.generate(masked, generator=generator)
         self.train(was_training)
         return generated, frame
+
+
+class MaskedConditionalVAE(MaskedConditioningModule):
+    """A VAE whose decoder sees the masked conditions: subclasses define `encode(x) -> (μ, log σ²)`,
+    `decode(z, conditions, averaged=False)`, `loss(x, x̂, μ, log σ²)` and `latent_shape`."""
+
+    def forward(self, x, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
+        mu, logvar = self.encode(x)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
+        return self.decode(z, conditions), mu, logvar
+
+    def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x, cat, num = batch
+        reconstruction, mu, logvar = self(x, self.mask(cat, num, p, generator), generator)
+        return self.loss(x, reconstruction, mu, logvar)
+
+    @torch.no_grad()
+    def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Decoded from z ~ N(0, I) (or the given z) and the masked conditions, with the EMA weights when the
+        model keeps them; in the model's own space (normalised designs, images in the value range)."""
+        if z is None:
+            z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
+        return self.decode(z.to(self.device), conditions, averaged=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.base import MaskedConditioningModule
+from modules.base import MaskedConditionalVAE
 from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig, SparsityConfig,
                             TrainerConfig, WandbConfig)
@@ -139,7 +139,7 @@ def _level(channels_in: int, channels_out: int, m: ConvMCVAEModelConfig, act, at
     return nn.Sequential(*blocks)
 
 
-class ConvMCVAE(MaskedConditioningModule):
+class ConvMCVAE(MaskedConditionalVAE):
     """q(z | x) over images only; p(x | z, c) with the mapped condition embedding broadcast over z's positions."""
 
     config_cls = ConvMCVAERunConfig
@@ -202,12 +202,6 @@ class ConvMCVAE(MaskedConditioningModule):
             h = level(h)
         return parts["head"](h)
 
-    def forward(self, images, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
-        mu, logvar = self.encode(images)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
-        return self.decode(z, conditions), mu, logvar
-
     def loss(self, images, reconstruction, mu, logvar) -> dict[str, torch.Tensor]:
         """(1 - w)·MSE + w·KL, both mean-reduced (the KL per latent element, averaged over the batch)."""
         w = self.cfg.model.kl_weight
@@ -215,20 +209,7 @@ class ConvMCVAE(MaskedConditioningModule):
         kl = kl_divergence(mu.flatten(1), logvar.flatten(1)).mean() / mu[0].numel()
         return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
 
-    def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        images, cat, num = batch
-        reconstruction, mu, logvar = self(images, self.mask(cat, num, p, generator), generator)
-        return self.loss(images, reconstruction, mu, logvar)
-
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Images in the model's value range from z ~ N(0, I) (or the given z) and the masked conditions."""
-        if z is None:
-            z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
-        return self.decode(z.to(self.device), conditions, averaged=True)
-
     @torch.no_grad()
     def sample(self, conditions=None, n: int = 1, *, seed: Optional[int] = None) -> torch.Tensor:
         """uint8 images (n per request row, shape (N, C, H, W)) for any subset of conditions (the rest masked);

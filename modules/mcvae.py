@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.base import MaskedConditioningModule
+from modules.base import MaskedConditionalVAE
 from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, DataConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig,
                             SparsityConfig, TrainerConfig, WandbConfig)
@@ -85,7 +85,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-class MCVAE(MaskedConditioningModule):
+class MCVAE(MaskedConditionalVAE):
     """Encoder q(z | x) over the design only; decoder p(x | z, c) on [z, embedded masked conditions]."""
 
     config_cls = MCVAERunConfig
@@ -129,12 +129,6 @@ class MCVAE(MaskedConditioningModule):
             embedding, decoder = self.embedding, self.decoder
         return decoder(torch.cat([z, embedding(conditions)], dim=1))
 
-    def forward(self, design, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
-        mu, logvar = self.encode(design)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
-        return self.decode(z, conditions), mu, logvar
-
     def loss(self, design, reconstruction, mu, logvar) -> dict[str, torch.Tensor]:
         """(1 - w)·rec + w·KL with KL = batch mean of the per-design KL (summed over latent dims) and rec the squared
         error summed over batch and features ('sse'), summed over features and averaged over the batch
@@ -147,21 +141,7 @@ class MCVAE(MaskedConditioningModule):
         kl = kl_divergence(mu, logvar).mean()
         return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
 
-    def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        design, cat, num = batch
-        reconstruction, mu, logvar = self(design, self.mask(cat, num, p, generator), generator)
-        return self.loss(design, reconstruction, mu, logvar)
-
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Normalised designs decoded from z ~ N(0, I) (or the given z) and the masked conditions (EMA weights
-        when the model keeps them)."""
-        if z is None:
-            z = torch.randn((len(conditions), self.cfg.model.latent_dim), generator=generator, device=self.device)
-        return self.decode(z.to(self.device), conditions, averaged=True)
-
     @torch.no_grad()
     def sample(self, conditions: Mapping | pd.DataFrame | None = None, n: int = 1, *,
                seed: Optional[int] = None) -> pd.DataFrame:
