@@ -180,20 +180,25 @@ def diversity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the whole evaluation
 
 
+def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[EvaluationConfig]):
+    """(config, output folder, the split's tensors on the model's device); the model in eval mode."""
+    cfg = cfg or model.cfg.evaluation
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    tensors = tuple(t.to(model.device) for t in dm.tensors[split])
+    if len(tensors[0]) == 0:
+        raise UserError(f"the {split} split is empty; give it a non-zero fraction in data.split or evaluate "
+                        "another --split.")
+    return cfg, out_dir, tensors
+
+
 def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                         wandb_run=None, quiet: bool = False) -> dict:
     """Write eval/{mse_per_sparsity,adherence,diversity}.csv, their plots and summary.json; returns the tables."""
     from modules import plotting
 
-    cfg = cfg or model.cfg.evaluation
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    device = model.device
-    design, cat, num = (t.to(device) for t in dm.tensors[split])
-    if len(design) == 0:
-        raise UserError(f"the {split} split is empty; give it a non-zero fraction in data.split or evaluate "
-                        "another --split.")
+    cfg, out_dir, (design, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
     tables = {"mse_per_sparsity": sse_per_sparsity(model, design, cat, num, cfg)}
     if cfg.adherence:
         tr_design, tr_cat, tr_num = (t.cpu().numpy() for t in dm.tensors["train"])
@@ -215,21 +220,28 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
     }
     if "adherence" in tables:
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
+    scale = "whole data file" if cfg.error_scale == "dataset" else "training split"
+    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
+        "mse_per_sparsity": f"Per-design SSE (min-max scale of the {scale}) on the {split} split, {len(design)} designs:",
+        "adherence": "Condition adherence (accuracy / R² of a predictor fitted on real training designs):",
+        "diversity": "Diversity (mean pairwise distance, normalised design space):"})
+    return tables
+
+
+def publish(out_dir: Path, tables: dict, figures: dict, summary: dict, *, wandb_run, quiet: bool,
+            headings: dict[str, str], footer: str = "") -> None:
+    """summary.json, the tables and figures to W&B, and the tables printed under their headings."""
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if wandb_run is not None:
         _log_to_wandb(wandb_run, tables, figures)
-    if not quiet:
-        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-            print(f"\nPer-design SSE (min-max scale of the {'whole data file' if cfg.error_scale == 'dataset' else 'training split'})"
-                  f" on the {split} split, {len(design)} designs:")
-            print(tables["mse_per_sparsity"].to_string(index=False))
-            if "adherence" in tables:
-                print("\nCondition adherence (accuracy / R² of a predictor fitted on real training designs):")
-                print(tables["adherence"].to_string(index=False))
-            print("\nDiversity (mean pairwise distance, normalised design space):")
-            print(tables["diversity"].to_string(index=False))
-            print(f"\nwritten to {out_dir}")
-    return tables
+    if quiet:
+        return
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        for name, heading in headings.items():
+            if name in tables:
+                print(f"\n{heading}")
+                print(tables[name].to_string(index=False))
+        print(f"\nwritten to {out_dir}{footer}")
 
 
 def _log_to_wandb(run, tables: dict, figures: dict) -> None:

@@ -1,18 +1,15 @@
 """Evaluation of image models: per-sparsity pixel error, diversity, and real-vs-generated sample grids."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
-from modules.errors import UserError
-from modules.evaluation import _log_to_wandb, diversity, error_per_sparsity, level_masks, mask_draws
+from modules.evaluation import diversity, error_per_sparsity, evaluation_inputs, level_masks, mask_draws, publish
 from modules.image_data import from_model_range, to_model_range
 
 
@@ -40,14 +37,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     """Write eval/{mse_per_sparsity,diversity}.csv, mse_per_sparsity.png, samples.png and summary.json."""
     from modules import plotting
 
-    cfg = cfg or model.cfg.evaluation
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    raw, cat, num = (t.to(model.device) for t in dm.tensors[split])
-    if len(raw) == 0:
-        raise UserError(f"the {split} split is empty; give it a non-zero fraction in data.split or evaluate "
-                        "another --split.")
+    cfg, out_dir, (raw, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
     images = to_model_range(raw, dm.cfg.value_range)
     tables = {"mse_per_sparsity": error_per_sparsity(
         model, images, cat, num, cfg, name="mse",
@@ -84,19 +74,11 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
     if "adherence" in tables:
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    if wandb_run is not None:
-        _log_to_wandb(wandb_run, tables, figures)
-    if not quiet:
-        with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
-            print(f"\nPixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images:")
-            print(tables["mse_per_sparsity"].to_string(index=False))
-            if "adherence" in tables:
-                print("\nCondition adherence (accuracy / R² of a CNN trained on real training images):")
-                print(tables["adherence"].to_string(index=False))
-            print("\nDiversity (mean pairwise distance of images):")
-            print(tables["diversity"].to_string(index=False))
-            print(f"\nwritten to {out_dir} (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
+    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
+        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images:",
+        "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images):",
+        "diversity": "Diversity (mean pairwise distance of images):"},
+        footer=" (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
     return tables
 
 
