@@ -84,7 +84,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
 
 class SampleGridCallback(pl.Callback):
     """Every N epochs (and after the last): validation images next to images generated from their conditions
-    (one fixed z), and a row per fixed partial prompt; written to <run>/samples/epoch_XXX.png and logged to W&B."""
+    (one fixed z), and a row per fixed partial prompt; written to <run>/samples/epoch_<NNN>.png and logged to W&B."""
 
     def __init__(self, run_dir: Path, cfg):
         self.run_dir, self.cfg = Path(run_dir), cfg
