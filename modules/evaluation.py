@@ -196,8 +196,6 @@ def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[Evalua
 def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                         wandb_run=None, quiet: bool = False) -> dict:
     """Write eval/{mse_per_sparsity,adherence,diversity}.csv, their plots and summary.json; returns the tables."""
-    from modules import plotting
-
     cfg, out_dir, (design, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
     tables = {"mse_per_sparsity": sse_per_sparsity(model, design, cat, num, cfg)}
     if cfg.adherence:
@@ -205,12 +203,7 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         predictors = fit_condition_predictors(tr_design, tr_cat, tr_num, model.schema, seed=cfg.mask_seed)
         tables["adherence"] = adherence(model, predictors, design, cat, num, cfg)
     tables["diversity"] = diversity(model, design, cat, num, cfg)
-    for name, table in tables.items():
-        table.to_csv(out_dir / f"{name}.csv", index=False)
-    figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], "sse",
-                                                                     out_dir / "mse_per_sparsity.png")}
-    if "adherence" in tables:
-        figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
+    figures = save_tables(tables, out_dir, error_name="sse")
     sse = tables["mse_per_sparsity"].set_index("sparsity")
     summary = {
         "split": split, "n_designs": int(len(design)),
@@ -226,6 +219,19 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         "adherence": "Condition adherence (accuracy / R² of a predictor fitted on real training designs):",
         "diversity": "Diversity (mean pairwise distance, normalised design space):"})
     return tables
+
+
+def save_tables(tables: dict, out_dir: Path, *, error_name: str) -> dict:
+    """<name>.csv for every table, and the error and adherence plots; returns the figure paths."""
+    from modules import plotting
+
+    for name, table in tables.items():
+        table.to_csv(out_dir / f"{name}.csv", index=False)
+    figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], error_name,
+                                                                     out_dir / "mse_per_sparsity.png")}
+    if "adherence" in tables:
+        figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
+    return figures
 
 
 def publish(out_dir: Path, tables: dict, figures: dict, summary: dict, *, wandb_run, quiet: bool,

@@ -64,7 +64,8 @@ def _check_images(frame: pd.DataFrame, cfg: ImageDataConfig) -> pd.DataFrame:
                         "Fix the files, or set data.missing_images: skip to drop those rows (they are logged).")
     if bad:
         log.warning("skipping %d rows without a readable image: %s", len(bad), ", ".join(str(p) for p, _ in bad[:10]))
-    keep = np.array([p not in {b for b, _ in bad} for p in paths])
+    unusable = {p for p, _ in bad}
+    keep = np.array([p not in unusable for p in paths])
     first_of_size: dict[tuple[int, int], Path] = {}
     for path, (size, _) in sizes.items():
         first_of_size.setdefault(size, path)

@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
-from modules.evaluation import diversity, error_per_sparsity, evaluation_inputs, level_masks, mask_draws, publish
+from modules.evaluation import (diversity, error_per_sparsity, evaluation_inputs, level_masks, mask_draws, publish,
+                                save_tables)
 from modules.image_data import from_model_range, to_model_range
 
 
@@ -35,7 +36,6 @@ def image_grid(rows: list[torch.Tensor], path: Path, *, titles: Optional[list[st
 def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                     wandb_run=None, quiet: bool = False) -> dict:
     """Write eval/{mse_per_sparsity,diversity}.csv, mse_per_sparsity.png, samples.png and summary.json."""
-    from modules import plotting
 
     cfg, out_dir, (raw, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
     images = to_model_range(raw, dm.cfg.value_range)
@@ -50,12 +50,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
                                               model.schema, seed=cfg.mask_seed)
         tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat)
-    for name, table in tables.items():
-        table.to_csv(out_dir / f"{name}.csv", index=False)
-    figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], "mse",
-                                                                     out_dir / "mse_per_sparsity.png")}
-    if "adherence" in tables:
-        figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
+    figures = save_tables(tables, out_dir, error_name="mse")
     # real test images, then generated from their conditions at sparsity 0, 0.5 and 0.9 (paper z)
     shown = min(8, len(images))
     uniform = mask_draws(cat, num, cfg)[:shown]
