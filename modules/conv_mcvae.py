@@ -8,17 +8,19 @@ learned (transposed-conv) upsampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.base import MaskedConditionalVAE
+from modules.base import ImageSampling, MaskedConditionalVAE
 from modules.conditioning import MaskedConditions
 from modules.config import (ConditioningConfig, EvaluationConfig, LRSchedulerConfig, OptimizerConfig, SparsityConfig,
                             TrainerConfig, WandbConfig)
 from modules.image_data import ImageDataConfig
+from modules.image_evaluation import SampleGridConfig, check_sample_grid
+from modules.layers import SelfAttention, group_norm
 from modules.mcvae import ACTIVATIONS, kl_divergence
 
 
@@ -37,14 +39,6 @@ class ConvMCVAEModelConfig:
     dropout: float = 0.15
     kl_weight: float = 0.9  # loss = (1 - w)·MSE + w·KL, both mean-reduced
     ema_decay: Optional[float] = None
-
-
-@dataclass
-class SampleGridConfig:
-    every_n_epochs: int = 5  # 0 = never; grids go to <run>/samples/ and W&B
-    n_real: int = 8  # validation images shown next to their reconstructions from conditions only
-    per_prompt: int = 8
-    prompts: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # partial conditions; {} = unconditional
 
 
 @dataclass
@@ -75,21 +69,9 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
             f"levels in [0, {m.levels - 1}]", m.attention_levels)
     require(0 <= m.dropout < 1, source, "model.dropout", "in [0, 1)", m.dropout)
     require(0 <= m.kl_weight <= 1, source, "model.kl_weight", "in [0, 1]", m.kl_weight)
-    require(cfg.sample_grid.every_n_epochs >= 0, source, "sample_grid.every_n_epochs", "≥ 0 (0 = never)",
-            cfg.sample_grid.every_n_epochs)
-    names = {c.name for c in cfg.data.conditions}
-    for prompt in cfg.sample_grid.prompts:
-        unknown = sorted(set(prompt) - names)
-        require(not unknown, source, "sample_grid.prompts", f"conditions of data.conditions ({', '.join(sorted(names))})",
-                prompt)
+    check_sample_grid(cfg, source)
     size = cfg.data.image_size
     require(size % (2 ** m.levels) == 0, source, "data.image_size", f"a multiple of 2^levels = {2 ** m.levels}", size)
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count ≤ 8 that divides the channels."""
-    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
@@ -107,27 +89,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.body(x)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H·W positions (Vaswani et al. 2017, Eq. 1) with a residual connection.
-
-    Heads are split from the channel axis (B, heads, HW, d), not from a reshape that mixes heads and positions;
-    attention dropout only in training.
-    """
-
-    def __init__(self, channels: int, *, heads: int, head_dim: int, dropout: float):
-        super().__init__()
-        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
-        self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1)
-        self.out = nn.Conv2d(heads * head_dim, channels, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, self.head_dim, h * w).transpose(-1, -2).unbind(1)
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return x + self.out(attended.transpose(-1, -2).reshape(b, self.heads * self.head_dim, h, w))
-
-
 def _level(channels_in: int, channels_out: int, m: ConvMCVAEModelConfig, act, attention: bool) -> nn.Sequential:
     blocks: list[nn.Module] = []
     for i in range(m.blocks_per_level):
@@ -139,7 +100,7 @@ def _level(channels_in: int, channels_out: int, m: ConvMCVAEModelConfig, act, at
     return nn.Sequential(*blocks)
 
 
-class ConvMCVAE(MaskedConditionalVAE):
+class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
     """q(z | x) over images only; p(x | z, c) with the mapped condition embedding broadcast over z's positions."""
 
     config_cls = ConvMCVAERunConfig
@@ -208,14 +169,3 @@ class ConvMCVAE(MaskedConditionalVAE):
         rec = F.mse_loss(reconstruction, images)
         kl = kl_divergence(mu.flatten(1), logvar.flatten(1)).mean() / mu[0].numel()
         return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
-
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def sample(self, conditions=None, n: int = 1, *, seed: Optional[int] = None) -> torch.Tensor:
-        """uint8 images (n per request row, shape (N, C, H, W)) for any subset of conditions (the rest masked);
-        `conditions` as for the mcVAE: a dict or a DataFrame."""
-        from modules.image_data import from_model_range
-
-        generated, _ = self.generate_for(conditions, n, seed)
-        images = from_model_range(generated, self.cfg.data.value_range)
-        return images
