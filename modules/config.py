@@ -96,6 +96,10 @@ class TrainerConfig:
     # optimizer steps (batches) per Lightning step: > 1 saves Lightning's per-step overhead on tiny models;
     # the optimisation itself (batches, order, masks, noise, sparsity per step) is the same
     fused_steps: int = 1
+    accumulate_grad_batches: int = 1  # batches per optimizer step (gradients averaged)
+    # Lightning precision: 32-true, bf16-mixed, 16-mixed; bf16-mixed falls back to 16-mixed on GPUs without bf16
+    precision: str = "32-true"
+    num_nodes: int = 1
 
 
 @dataclass
@@ -110,6 +114,11 @@ class EvaluationConfig:
     adherence: bool = True
     diversity_groups: int = 50  # condition groups used for the diversity comparison
     diversity_samples: int = 16  # designs generated per group
+    max_images: Optional[int] = None  # image models: evaluate the first N images of the split (null = all)
+    # image models: Fréchet distance per sparsity with Inception-v3 (needs torch-fidelity and the weights file
+    # below), the adherence classifier's features (this data set only), auto (Inception when present), or none
+    fid: Literal["auto", "inception", "classifier", "none"] = "auto"
+    inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth
 
 
 @dataclass
@@ -192,8 +201,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, tp):
             raise _Mismatch
         return value
-    if tp is list:
-        if not isinstance(value, list):
+    if tp in (list, dict):
+        if not isinstance(value, tp):
             raise _Mismatch
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")

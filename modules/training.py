@@ -43,6 +43,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--logdir", default="logs", help="where run directories are created (default: logs/)")
     p.add_argument("--accelerator", help="override trainer.accelerator (cpu, gpu, auto)")
     p.add_argument("--devices", help="override trainer.devices (a number or 'auto')")
+    p.add_argument("--num_nodes", type=int, help="override trainer.num_nodes (machines of a multi-node run)")
+    p.add_argument("--precision", help="override trainer.precision (32-true, bf16-mixed, 16-mixed)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end of training")
     return p
 
@@ -60,6 +62,8 @@ def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callab
         ("trainer", "seed"): args.seed,
         ("trainer", "accelerator"): args.accelerator,
         ("trainer", "devices"): _devices(args.devices),
+        ("trainer", "num_nodes"): getattr(args, "num_nodes", None),
+        ("trainer", "precision"): getattr(args, "precision", None),
         **{(section, key): getattr(args, flag.lstrip("-")) for flag, section, key, _ in extra_flags},
     }
     for (section, key), value in overrides.items():
@@ -86,17 +90,34 @@ def require(ok: bool, source: str, key: str, rule: str, value) -> None:
         raise UserError(f"{source}: {key} must be {rule}, got {value!r}. Fix the value in the file (or the flag).")
 
 
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """bf16-mixed where the device supports it: GPUs without bf16 (before Ampere) get 16-mixed, with a warning."""
+    if precision.startswith("bf16") and accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            warnings.warn(f"this GPU has no bf16: trainer.precision {precision} → 16-mixed", stacklevel=2)
+            return "16-mixed"
+    return precision
+
+
 def check_common(cfg, source: str) -> None:
-    """Ranges and relations between keys that types alone do not catch (shared sections)."""
-    try:
-        SparsitySchedule.from_config(cfg.sparsity)
-    except ValueError as err:
-        raise UserError(f"{source}: {err}.") from None
-    t, o, e = cfg.trainer, cfg.optimizer, cfg.evaluation
+    """Ranges and relations between keys that types alone do not catch (shared sections). A config without a
+    `conditioning` section (the first stage, modules/first_stage_training.py) has only trainer, optimizer and
+    lr_scheduler of these."""
+    conditioned = hasattr(cfg, "conditioning")
+    if conditioned:
+        try:
+            SparsitySchedule.from_config(cfg.sparsity)
+        except ValueError as err:
+            raise UserError(f"{source}: {err}.") from None
+    t, o = cfg.trainer, cfg.optimizer
     for key in ("max_epochs", "batch_size", "check_val_every_n_epoch", "checkpoint_every_n_epochs",
-                "log_every_n_steps", "fused_steps"):
+                "log_every_n_steps", "fused_steps", "accumulate_grad_batches", "num_nodes"):
         require(getattr(t, key) >= 1, source, f"trainer.{key}", "≥ 1", getattr(t, key))
     require(0 <= t.seed < 2**32, source, "trainer.seed", "in [0, 2^32)", t.seed)
+    require(t.precision in PRECISIONS, source, "trainer.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     require(t.num_threads is None or t.num_threads >= 1, source, "trainer.num_threads", "≥ 1 or null", t.num_threads)
     # one device: multi-device training (DDP) is not supported yet, and 'auto' would take every GPU
     require(t.devices in (1, "1", "auto"), source, "trainer.devices", "1 (multi-device training is not supported "
@@ -108,6 +129,9 @@ def check_common(cfg, source: str) -> None:
             "> 0 or null", o.gradient_clip_val)
     require(cfg.lr_scheduler.step_size >= 1, source, "lr_scheduler.step_size", "≥ 1", cfg.lr_scheduler.step_size)
     require(cfg.lr_scheduler.gamma > 0, source, "lr_scheduler.gamma", "> 0", cfg.lr_scheduler.gamma)
+    if not conditioned:
+        return
+    e = cfg.evaluation
     require(cfg.conditioning.embedding_dim >= 1, source, "conditioning.embedding_dim", "≥ 1",
             cfg.conditioning.embedding_dim)
     if cfg.sparsity.interval == "epoch" and cfg.sparsity.target_at >= t.max_epochs:
@@ -169,15 +193,17 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
     return ckpt
 
 
-def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str) -> None:
-    """A checkpoint resumes only the same model on the same data schema; name what differs."""
+def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str,
+                            sections: tuple = ("model", "conditioning")) -> None:
+    """A checkpoint resumes only the same model on the same data schema; name what differs (every key of the
+    config `sections` that define the architecture, `ModelSpec.resume_sections`)."""
     stored = hparams["config"]
     current = to_dict(cfg)
     if stored.get("model_type") != current["model_type"]:
         raise UserError(f"--ckpt_path {ckpt_path} is a '{stored.get('model_type')}' checkpoint, but {source} configures "
                         f"a '{current['model_type']}' model. Use a checkpoint of the same model or the matching config.")
     differences = []
-    for section in ("model", "conditioning"):
+    for section in sections:
         for key, value in current[section].items():
             if stored.get(section, {}).get(key) != value:
                 differences.append(f"{section}.{key}: checkpoint {stored.get(section, {}).get(key)!r}, config {value!r}")
@@ -322,13 +348,16 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         wandb_logger = make_wandb_logger(cfg, run_dir, name, run_id)
         if wandb_logger is not None:
             loggers.append(wandb_logger)
-    callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), checkpoint, last,
+    # models without masked conditions (the first stage) have no sparsity schedule
+    sparsity = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity))] if hasattr(cfg, "sparsity") else []
+    callbacks = [*sparsity, NonFiniteLossGuard(), checkpoint, last,
                  TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
             trainer = pl.Trainer(
                 max_epochs=t.max_epochs, accelerator=t.accelerator, devices=1 if t.devices == "auto" else int(t.devices),
+                num_nodes=t.num_nodes, precision=resolve_precision(t.precision, t.accelerator),
                 logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
                 check_val_every_n_epoch=t.check_val_every_n_epoch, log_every_n_steps=t.log_every_n_steps,
                 deterministic=True, limit_val_batches=None if validate else 0, plugins=[AtomicCheckpointIO()],
@@ -369,7 +398,7 @@ def train_main(argv, spec) -> int:
     if args.ckpt_path:
         resume_from = read_checkpoint(args.ckpt_path)
         hparams, start_epoch = resume_from["hyper_parameters"], int(resume_from.get("epoch", -1)) + 1
-        check_resume_compatible(hparams, cfg, source, args.ckpt_path)
+        check_resume_compatible(hparams, cfg, source, args.ckpt_path, sections=spec.resume_sections)
         if start_epoch >= cfg.trainer.max_epochs:
             raise UserError(f"--ckpt_path {args.ckpt_path} has already trained {start_epoch} epochs and "
                             f"trainer.max_epochs is {cfg.trainer.max_epochs}: pass --max_epochs N with N > {start_epoch} "
