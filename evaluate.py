@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from modules.errors import UserError, cli_entry
+from modules.sampling_cli import add_device_argument, add_sampling_arguments
 
 
 def parse_args(argv=None):
@@ -16,6 +17,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: <run>/eval for a run's last.ckpt, <run>/eval_<ckpt name> for "
                                  "its other checkpoints, else eval_<ckpt name>/ beside the checkpoint)")
     p.add_argument("--csv_path", help="data file, when it has moved since training")
+    add_device_argument(p)
+    add_sampling_arguments(p)
     return p.parse_args(argv)
 
 
@@ -32,6 +35,7 @@ def default_out(ckpt: Path, split: str) -> Path:
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
+    from modules.sampling_cli import apply_sampling_arguments, model_device
     from modules.registry import spec_for
     from modules.training import quiet_lightning, read_checkpoint
 
@@ -43,6 +47,8 @@ def main(argv=None):
     checkpoint = read_checkpoint(ckpt)
     spec = spec_for(checkpoint, str(ckpt))
     dm, model = spec.load(checkpoint, args.csv_path)  # refuses data other than the training data
+    apply_sampling_arguments(model, args)
+    model.to(model_device(args.device))
     if len(dm.tensors[args.split][0]) == 0:
         raise UserError(f"the {args.split} split of this run is empty; choose another --split.")
     spec.evaluate(model, dm, out, split=args.split)

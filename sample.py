@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from modules.errors import UserError, cli_entry
+from modules.sampling_cli import add_device_argument, add_sampling_arguments
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg")
 
@@ -22,6 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--singles", help="image models: also write each image as <folder>/<i>.png")
     p.add_argument("--plot", help="PNG file with the designs drawn in a grid")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_device_argument(p)
+    add_sampling_arguments(p)
     return p.parse_args(argv)
 
 
@@ -51,14 +54,18 @@ def main(argv=None):
         raise UserError(f"--n must be ≥ 1, got {args.n}.")
     if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
         raise UserError(f"--plot {args.plot}: give a file ending in {', '.join(PLOT_FORMATS)}.")
+    from modules.base import ImageSampling
+    from modules.sampling_cli import apply_sampling_arguments, model_device
     from modules.registry import spec_for
     from modules.training import read_checkpoint
 
     checkpoint = read_checkpoint(args.ckpt)
     _, model = spec_for(checkpoint, args.ckpt).load(checkpoint, with_data=False)
+    apply_sampling_arguments(model, args)
+    model.to(model_device(args.device))
     conditions = parse_conditions(args.condition, model.schema.names)
     asked = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions (unconditional)"
-    if model.model_type == "conv_mcvae":
+    if isinstance(model, ImageSampling):
         return _sample_images(model, conditions, args, asked)
     designs = model.sample(conditions, n=args.n, seed=args.seed)
     out = Path(args.out)

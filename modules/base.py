@@ -92,8 +92,8 @@ class MaskedConditioningModule(pl.LightningModule):
         return self.sparsity
 
     def mask(self, categorical: torch.Tensor, numerical: torch.Tensor, p: float,
-             generator: Optional[torch.Generator] = None) -> MaskedConditions:
-        return self.masking(categorical, numerical, p, generator)
+             generator: Optional[torch.Generator] = None, *, drop_all: float = 0.0) -> MaskedConditions:
+        return self.masking(categorical, numerical, p, generator, drop_all=drop_all)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # batches are slices of tensors that already live on the device: skip Lightning's collection walk
@@ -103,21 +103,27 @@ class MaskedConditioningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the shared training loop
     def training_step(self, batch, batch_idx):
-        """One optimizer step per batch; a list of batches (`trainer.fused_steps` > 1) is several steps in a row.
-        Returns the mean loss (NaN if any step's loss was NaN)."""
+        """One optimizer step per `trainer.accumulate_grad_batches` batches; a list of batches (`fused_steps` > 1
+        or accumulation) is several of them in a row. Returns the mean loss (NaN if any step's loss was NaN)."""
         optimizer = self.optimizers()
+        batches = batch if isinstance(batch, list) else [batch]
+        k = self.cfg.trainer.accumulate_grad_batches
         losses = []
-        for one in batch if isinstance(batch, list) else [batch]:
-            out = self._step(one, self.current_sparsity(), self.step_generator(0))
+        for start in range(0, len(batches), k):
+            micro = batches[start:start + k]
+            p = self.current_sparsity()  # one p per optimizer step, also with accumulation
             optimizer.zero_grad(set_to_none=True)
-            self.backward_step(out["loss"])
+            for i, one in enumerate(micro):
+                # stream 0 for the first micro-batch keeps runs without accumulation unchanged
+                out = self._step(one, p, self.step_generator(0 if i == 0 else 10_000 + i))
+                self.backward_step(out["loss"] / len(micro) if len(micro) > 1 else out["loss"])
+                self.accumulate(out, one[0].shape[0], stage="train")
+                losses.append(out["loss"].detach())
             if self.cfg.optimizer.gradient_clip_val:
                 self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optimizer.gradient_clip_val)
             optimizer.step()  # advances global_step, which seeds the next step's masks and noise
             if self.ema is not None:
                 self.ema.update(self._averaged_parameters())
-            self.accumulate(out, one[0].shape[0], stage="train")
-            losses.append(out["loss"].detach())
         return torch.stack(losses).mean()
 
     def on_train_epoch_end(self):
@@ -166,6 +172,10 @@ class MaskedConditioningModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         return metrics
+    def evaluation_target(self, x: torch.Tensor) -> torch.Tensor:
+        """What generated outputs are compared with in evaluation: the data itself (latent models: decoded)."""
+        return x
+
     # ------------------------------------------------------------------ user-facing conditions
     def conditions_from(self, conditions: Mapping | pd.DataFrame | None, n: int) -> tuple[MaskedConditions, pd.DataFrame]:
         """Encode a dict (one set of conditions, n times) or a DataFrame (n times each row); absent conditions and
@@ -229,3 +239,16 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         if z is None:
             z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
         return self.decode(z.to(self.device), conditions, averaged=True)
+
+
+class ImageSampling:
+    """`sample` for models whose `generate` returns images in `cfg.data.value_range`."""
+
+    @torch.no_grad()
+    def sample(self, conditions=None, n: int = 1, *, seed: Optional[int] = None) -> torch.Tensor:
+        """uint8 images (n per request row, shape (N, C, H, W)) for any subset of conditions (the rest masked);
+        `conditions` a dict or a DataFrame, as for the mcVAE."""
+        from modules.image_data import from_model_range
+
+        generated, _ = self.generate_for(conditions, n, seed)
+        return from_model_range(generated, self.cfg.data.value_range)

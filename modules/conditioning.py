@@ -232,6 +232,11 @@ class MaskedConditions:
     numerical: torch.Tensor  # (B, n_num) float, masked entries = sentinel
     numerical_mask: torch.Tensor  # (B, n_num) bool, True = masked or missing
 
+    def rows(self, start: int, stop: int) -> "MaskedConditions":
+        """The conditions of rows start…stop − 1."""
+        return MaskedConditions(self.categorical[start:stop], self.numerical[start:stop],
+                                self.numerical_mask[start:stop])
+
     def __len__(self) -> int:
         return self.categorical.shape[0]
 
@@ -280,8 +285,15 @@ class ConditionMasking(nn.Module):
         return MaskedConditions(cat, num, num_mask)
 
     def forward(self, categorical: torch.Tensor, numerical: torch.Tensor, p: float,
-                generator: Optional[torch.Generator] = None) -> MaskedConditions:
+                generator: Optional[torch.Generator] = None, *, drop_all: float = 0.0) -> MaskedConditions:
+        """Bernoulli(p) masks per element; with `drop_all` > 0 each row additionally loses every condition with that
+        probability (classifier-free guidance training, Ho & Salimans 2022, Alg. 1)."""
         cat_mask, num_mask = self.random_masks(categorical, numerical, p, generator)
+        if drop_all > 0:
+            if not 0.0 <= drop_all <= 1.0:
+                raise ValueError(f"drop-all probability must lie in [0, 1], got {drop_all}")
+            dropped = torch.rand((categorical.shape[0], 1), generator=generator, device=categorical.device) < drop_all
+            cat_mask, num_mask = cat_mask | dropped, num_mask | dropped
         return self.apply(categorical, numerical, cat_mask, num_mask)
 
     def mask_all(self, batch_size: int, device=None) -> MaskedConditions:

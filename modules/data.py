@@ -178,14 +178,16 @@ class TensorBatches:
     """
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], *, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None, group: int = 1):
+                 drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None, group: int = 1,
+                 accumulate: int = 1):
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
         self.epoch_fn = epoch_fn or (lambda: 0)
-        self.group = max(1, group)
+        self.accumulate = max(1, accumulate)
+        self.group = max(1, group) * self.accumulate  # whole optimizer steps per Lightning step
 
     @property
     def n(self) -> int:
@@ -196,6 +198,11 @@ class TensorBatches:
         if self.drop_last:
             return self.n // self.batch_size
         return (self.n + self.batch_size - 1) // self.batch_size
+
+    @property
+    def n_optimizer_steps(self) -> int:
+        """Optimizer steps per epoch: every `accumulate` batches (a last, shorter run counts as one)."""
+        return (self.n_batches + self.accumulate - 1) // self.accumulate
 
     def __len__(self) -> int:
         return (self.n_batches + self.group - 1) // self.group
@@ -231,11 +238,12 @@ class ConditionedDataModule(pl.LightningDataModule):
     (designs, categorical, numerical per split) and define `_fingerprint_rows()`: one hash per row of what the
     model learns from."""
 
-    def __init__(self, *, batch_size: int, seed: int = 0, fused_steps: int = 1):
+    def __init__(self, *, batch_size: int, seed: int = 0, fused_steps: int = 1, accumulate: int = 1):
         super().__init__()
         self.batch_size = batch_size
         self.seed = seed
         self.fused_steps = fused_steps
+        self.accumulate = accumulate
         self.device = torch.device("cpu")
         self.tensors: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -294,7 +302,7 @@ class ConditionedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return TensorBatches(self.tensors["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                             epoch_fn=self._current_epoch, group=self.fused_steps)
+                             epoch_fn=self._current_epoch, group=self.fused_steps, accumulate=self.accumulate)
 
     def val_dataloader(self):
         # the training batch size, so that batch-summed losses (`reconstruction: sse`) compare with training

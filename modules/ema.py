@@ -19,14 +19,19 @@ class EMA(nn.Module):
         self.decay = decay
         self.shadow = copy.deepcopy(module).requires_grad_(False).eval()
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._updates = 0  # a host copy of `updates`: reading the buffer every step would sync with the GPU
         self._shadow_params: list[torch.Tensor] | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._updates = int(self.updates)
 
     def _apply(self, fn, recurse=True):
         self._shadow_params = None  # .to()/.half() may replace the parameter tensors
         return super()._apply(fn, recurse)
 
     def current_decay(self) -> float:
-        n = int(self.updates)
+        n = self._updates
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
@@ -37,6 +42,7 @@ class EMA(nn.Module):
             self._shadow_params = list(self.shadow.parameters())
         torch._foreach_lerp_(self._shadow_params, [p.detach() for p in parameters], 1.0 - decay)
         self.updates += 1
+        self._updates += 1
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -180,13 +180,15 @@ def diversity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the whole evaluation
 
 
-def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[EvaluationConfig]):
-    """(config, output folder, the split's tensors on the model's device); the model in eval mode."""
+def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[EvaluationConfig], *,
+                      tensors: Optional[tuple] = None):
+    """(config, output folder, the split's tensors on the model's device, or the given ones); the model in eval
+    mode."""
     cfg = cfg or model.cfg.evaluation
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    tensors = tuple(t.to(model.device) for t in dm.tensors[split])
+    tensors = tuple(t.to(model.device) for t in (tensors if tensors is not None else dm.tensors[split]))
     if len(tensors[0]) == 0:
         raise UserError(f"the {split} split is empty; give it a non-zero fraction in data.split or evaluate "
                         "another --split.")

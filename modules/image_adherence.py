@@ -100,10 +100,11 @@ def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]
 
 @torch.no_grad()
 def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig,
-                    train_cat: torch.Tensor | None = None) -> pd.DataFrame:
+                    train_cat: torch.Tensor | None = None, on_generated=None) -> pd.DataFrame:
     """Accuracy / R² of the classifier on real test images and on images generated from the test conditions at
     each sparsity level, scored on the conditions that were neither missing nor masked. `majority`: the accuracy
-    of always answering the most frequent training category (R² 0), the floor a useful classifier must beat."""
+    of always answering the most frequent training category (R² 0), the floor a useful classifier must beat.
+    `on_generated(level, images)` sees each level's generated images (for the FID)."""
     schema = model.schema
     tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
     known_cat, known_num = cat != tokens, ~torch.isnan(num)
@@ -123,17 +124,12 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
     g = torch.Generator(device=cat.device).manual_seed(cfg.paper_z_seed + 3000)
     for level in cfg.sparsity_levels:
         conditions = level_masks(model, cat, num, level, uniform)
-        generated = torch.cat([model.generate(_slice(conditions, s, s + 256), generator=g)
+        generated = torch.cat([model.generate(conditions.rows(s, s + 256), generator=g)
                                for s in range(0, len(cat), 256)])
+        if on_generated is not None:
+            on_generated(level, generated)
         keep_cat = known_cat & (conditions.categorical != tokens)
         keep_num = known_num & ~conditions.numerical_mask
         for name, value in _scores(schema, _predict(classifier, generated), cat, num, keep_cat, keep_num).items():
             rows[name][f"{level:g}"] = value
     return pd.DataFrame(list(rows.values()))
-
-
-def _slice(conditions, start, stop):
-    from modules.conditioning import MaskedConditions
-
-    return MaskedConditions(conditions.categorical[start:stop], conditions.numerical[start:stop],
-                            conditions.numerical_mask[start:stop])

@@ -163,8 +163,9 @@ class ImageDataModule(ConditionedDataModule):
     """Images (uint8 on the device, scaled per batch) and their conditions, split as the parametric data."""
 
     def __init__(self, cfg: ImageDataConfig, *, batch_size: int, seed: int = 0,
-                 schema: Optional[ConditionSchema] = None, progress: bool = True, fused_steps: int = 1):
-        super().__init__(batch_size=batch_size, seed=seed, fused_steps=fused_steps)
+                 schema: Optional[ConditionSchema] = None, progress: bool = True, fused_steps: int = 1,
+                 accumulate: int = 1):
+        super().__init__(batch_size=batch_size, seed=seed, fused_steps=fused_steps, accumulate=accumulate)
         self.cfg = cfg
         self.csv_path = cfg.csv_path
         frame = self._read_table()
@@ -176,6 +177,10 @@ class ImageDataModule(ConditionedDataModule):
             rows = torch.from_numpy(np.flatnonzero(self.assignment == name))
             cat, num = self.schema.encode(self.frame.iloc[rows.numpy()], source=str(self.csv_path))
             self.tensors[name] = (self.images.index_select(0, rows), cat, num)
+
+    def split_images(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(uint8 images, categorical, numerical) of a split."""
+        return self.tensors[name]
 
     def _read_table(self) -> pd.DataFrame:
         cfg = self.cfg

@@ -1,10 +1,12 @@
 """Evaluation of image models: per-sparsity pixel error, diversity, and real-vs-generated sample grids."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 
@@ -12,6 +14,28 @@ from modules.config import EvaluationConfig
 from modules.evaluation import (diversity, error_per_sparsity, evaluation_inputs, level_masks, mask_draws, publish,
                                 save_tables)
 from modules.image_data import from_model_range, to_model_range
+
+
+@dataclass
+class SampleGridConfig:
+    """Sample grids written during training (image models)."""
+    every_n_epochs: int = 5  # 0 = never; grids go to <run>/samples/ and W&B
+    n_real: int = 8  # validation images shown next to their reconstructions from conditions only
+    per_prompt: int = 8
+    prompts: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # partial conditions; {} = unconditional
+
+
+def check_sample_grid(cfg, source: str) -> None:
+    """`sample_grid` ranges, and prompts that name only configured conditions."""
+    from modules.training import require
+
+    require(cfg.sample_grid.every_n_epochs >= 0, source, "sample_grid.every_n_epochs", "≥ 0 (0 = never)",
+            cfg.sample_grid.every_n_epochs)
+    names = {c.name for c in cfg.data.conditions}
+    for prompt in cfg.sample_grid.prompts:
+        unknown = sorted(set(prompt) - names)
+        require(not unknown, source, "sample_grid.prompts", f"conditions of data.conditions ({', '.join(sorted(names))})",
+                prompt)
 
 
 def image_grid(rows: list[torch.Tensor], path: Path, *, titles: Optional[list[str]] = None) -> Path:
@@ -37,19 +61,31 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                     wandb_run=None, quiet: bool = False) -> dict:
     """Write eval/{mse_per_sparsity,diversity}.csv, mse_per_sparsity.png, samples.png and summary.json."""
 
-    cfg, out_dir, (raw, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
+    limit = (cfg or model.cfg.evaluation).max_images
+    cfg, out_dir, (raw, cat, num) = evaluation_inputs(
+        model, dm, out_dir, split, cfg, tensors=tuple(t[:limit] for t in dm.split_images(split)))
     images = to_model_range(raw, dm.cfg.value_range)
+    target = model.evaluation_target(images)  # the images, or for a latent model the decoded ground truth
     tables = {"mse_per_sparsity": error_per_sparsity(
-        model, images, cat, num, cfg, name="mse",
-        error=lambda generated: (generated - images).pow(2).mean().item())}
+        model, target, cat, num, cfg, name="mse",
+        error=lambda generated: (generated - target).pow(2).mean().item())}
     tables["diversity"] = diversity(model, images, cat, num, cfg)
     if cfg.adherence:
         from modules.image_adherence import fit_condition_classifier, image_adherence
 
-        tr_raw, tr_cat, tr_num = (t.to(model.device) for t in dm.tensors["train"])
+        tr_raw, tr_cat, tr_num = (t.to(model.device) for t in dm.split_images("train"))
         classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
                                               model.schema, seed=cfg.mask_seed)
-        tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat)
+        from modules.fid import make_fid
+
+        fid = make_fid(cfg.fid, cfg.inception_weights, classifier, raw, dm.cfg.value_range)
+        fids = []
+        record = None if fid is None else (lambda level, generated: fids.append(
+            {"sparsity": level, "fid": fid(from_model_range(generated, dm.cfg.value_range)), "features": fid.name}))
+        tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat,
+                                              on_generated=record)
+        if fids:
+            tables["fid"] = pd.DataFrame(fids)
     figures = save_tables(tables, out_dir, error_name="mse")
     # real test images, then generated from their conditions at sparsity 0, 0.5 and 0.9 (paper z)
     shown = min(8, len(images))
@@ -69,10 +105,13 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
     if "adherence" in tables:
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
+    if "fid" in tables:
+        summary["fid"] = tables["fid"].to_dict(orient="records")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
         "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images:",
         "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images):",
-        "diversity": "Diversity (mean pairwise distance of images):"},
+        "diversity": "Diversity (mean pairwise distance of images):",
+        "fid": "Fréchet distance of generated to real test images per sparsity (features named):"},
         footer=" (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
     return tables
 
@@ -107,7 +146,7 @@ def write_sample_grid(model, dm, cfg, path: Path) -> Path:
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     part = "val" if len(dm.tensors["val"][0]) else "train"
-    raw, cat, num = (t[: cfg.n_real].to(model.device) for t in dm.tensors[part])
+    raw, cat, num = (t[: cfg.n_real].to(model.device) for t in dm.split_images(part))
     g = torch.Generator(device=model.device).manual_seed(0)  # the same z every epoch: the grids compare
     z = torch.randn((1, *model.latent_shape), generator=g, device=model.device).expand(len(raw), *model.latent_shape)
     nothing = torch.zeros_like(cat, dtype=torch.bool)

@@ -20,6 +20,7 @@ class ModelSpec:
     evaluate: Callable[..., Any]  # (model, datamodule, out_dir, split, wandb_run) -> tables
     extra_flags: tuple = ()  # (flag, section, key, help): CLI overrides of this model's train script
     callbacks: Optional[Callable[..., list]] = None  # (cfg, run_dir) -> extra Lightning callbacks
+    resume_sections: tuple = ("model", "conditioning")  # config sections a resumed run must not change
 
 
 # --------------------------------------------------------------------------- mcVAE
@@ -95,6 +96,9 @@ MCVAE_SPEC = _mcvae_spec()
 
 # --------------------------------------------------------------------------- conv-mcVAE
 
+IMAGES_PATH_FLAG = ("--images_path", "data", "images_path", "image folder (overrides data.images_path); a BIKED "
+                    "parametric CSV instead is rendered into a cache of sketches first")
+
 
 def _image_datamodule(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = None):
     from modules.conditioning import ConditionSchema
@@ -136,14 +140,96 @@ def _conv_mcvae_spec() -> ModelSpec:
     return ModelSpec("conv_mcvae", "Train a conv-mcVAE on images (convolutional VAE with masked conditions).",
                      ConvMCVAERunConfig, check_conv_mcvae_config, _build_conv_mcvae,
                      _checkpoint_loader(ConvMCVAE, ConvMCVAERunConfig, _image_datamodule), _evaluate_images,
-                     extra_flags=(("--images_path", "data", "images_path",
-                                   "image folder (overrides data.images_path); a BIKED parametric CSV instead is "
-                                   "rendered into a cache of sketches first"),),
+                     extra_flags=(IMAGES_PATH_FLAG,),
                      callbacks=_image_callbacks)
 
 
 CONV_MCVAE_SPEC = _conv_mcvae_spec()
-SPECS = {spec.model_type: spec for spec in (MCVAE_SPEC, CONV_MCVAE_SPEC)}
+# --------------------------------------------------------------------------- mcLDM
+
+
+def _first_stage_for(cfg, source: str):
+    """The frozen first stage of an mcLDM config, on the GPU when training will use one (encoding is faster)."""
+    import torch
+
+    from modules.diffusion_components.first_stage import FirstStage
+
+    first_stage = FirstStage.from_config(cfg.first_stage, source=source)
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        first_stage.to("cuda")
+    return first_stage
+
+
+def _latent_datamodule(cfg, hparams: Optional[dict] = None, csv_path: Optional[str] = None, first_stage=None):
+    from modules.conditioning import ConditionSchema
+    from modules.diffusion_components.latents import LatentDataModule
+
+    if csv_path:
+        cfg.data.csv_path = csv_path
+    first_stage = first_stage or _first_stage_for(cfg, "the checkpoint's config" if hparams else "the config")
+    schema = ConditionSchema.from_state(hparams["schema"]) if hparams else None
+    dm = LatentDataModule(cfg.data, first_stage, batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                          schema=schema, accumulate=cfg.trainer.accumulate_grad_batches,
+                          encode_batch_size=cfg.speed.generation_batch_size)
+    dm.first_stage = first_stage
+    return dm
+
+
+def _build_mcldm(cfg, hparams: Optional[dict] = None):
+    from modules.config import to_dict
+    from modules.image_data import resolve_rendered_sketches
+    from modules.mcldm import MCLDM, check_latent_fits_unet
+
+    first_stage = _first_stage_for(cfg, "the config")  # before rendering: missing weights fail fast
+    cfg.data = resolve_rendered_sketches(cfg.data)
+    latent_shape = first_stage.latent_shape(cfg.data.image_size)
+    check_latent_fits_unet(latent_shape, cfg, "the config")
+    dm = _latent_datamodule(cfg, hparams, first_stage=first_stage)
+    model = MCLDM(config=to_dict(cfg), schema=dm.schema.state_dict(), latent_shape=latent_shape,
+                  first_stage_fingerprint=first_stage.fingerprint(), split_digest=dm.split_digest())
+    model.attach_first_stage(first_stage)
+    return dm, model
+
+
+def _mcldm_spec() -> ModelSpec:
+    from modules.mcldm import MCLDM, MCLDMRunConfig, check_mcldm_config
+
+    load_checkpoint = _checkpoint_loader(MCLDM, MCLDMRunConfig, _latent_datamodule)
+
+    def load(ckpt, csv_path: Optional[str] = None, *, with_data: bool = True):
+        dm, model = load_checkpoint(ckpt, csv_path, with_data=with_data)
+        if dm is not None:
+            model.attach_first_stage(dm.first_stage)  # loaded once, for the latents and for decoding
+        return dm, model
+
+    return ModelSpec("mcldm", "Train an mcLDM: latent diffusion with masked conditions on a frozen AutoencoderKL.",
+                     MCLDMRunConfig, check_mcldm_config, _build_mcldm, load, _evaluate_images,
+                     extra_flags=(IMAGES_PATH_FLAG,),
+                     callbacks=_image_callbacks, resume_sections=("unet", "conditioning", "first_stage"))
+
+
+MCLDM_SPEC = _mcldm_spec()
+SPECS = {spec.model_type: spec for spec in (MCVAE_SPEC, CONV_MCVAE_SPEC, MCLDM_SPEC)}
+
+
+# --------------------------------------------------------------------------- first stage of the mcLDM
+
+
+def _first_stage_spec() -> ModelSpec:
+    """train_first_stage.py's model (an autoencoder, no conditions). Not in SPECS: sample.py has nothing to sample
+    from it; its checkpoints load with FIRST_STAGE_SPEC.load and its export with FirstStage.from_config."""
+    from modules.first_stage_training import (FirstStageModel, FirstStageRunConfig, build_first_stage,
+                                              check_first_stage_run_config, evaluate_first_stage,
+                                              first_stage_callbacks)
+
+    return ModelSpec("first_stage", "Train the mcLDM's first stage: a diffusers AutoencoderKL on your images.",
+                     FirstStageRunConfig, check_first_stage_run_config, build_first_stage,
+                     _checkpoint_loader(FirstStageModel, FirstStageRunConfig, _image_datamodule), evaluate_first_stage,
+                     extra_flags=(IMAGES_PATH_FLAG,),
+                     callbacks=first_stage_callbacks, resume_sections=("autoencoder", "loss", "discriminator"))
+
+
+FIRST_STAGE_SPEC = _first_stage_spec()
 
 
 def spec_for(checkpoint: dict, name: str = "checkpoint") -> ModelSpec:

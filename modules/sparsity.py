@@ -93,10 +93,10 @@ class SparsityScheduler(pl.Callback):
     def _total_steps(trainer) -> int:
         """Optimizer steps of the whole run (fused steps count one by one)."""
         loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
-        n_batches = getattr(loader, "n_batches", None)
-        if n_batches is None:
+        steps = getattr(loader, "n_optimizer_steps", None)  # with gradient accumulation: fewer than batches
+        if steps is None:
             return int(trainer.estimated_stepping_batches)
-        return int(n_batches * trainer.max_epochs)
+        return int(steps * trainer.max_epochs)
 
     def on_train_start(self, trainer, pl_module):
         pl_module.sparsity_schedule = self.schedule  # after a resume: the restored one

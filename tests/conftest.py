@@ -61,3 +61,18 @@ def tiny_biked_config(tmp_path, biked_slice) -> Path:
         trainer={"max_epochs": 2, "check_val_every_n_epoch": 1, "checkpoint_every_n_epochs": 1, "batch_size": 64},
         evaluation={"prior_draws": 2, "diversity_groups": 5, "diversity_samples": 4},
     )
+
+
+def train_on_fresh_renders(tmp: Path, frame: pd.DataFrame, make_config, main, *, rows: int = 48, name: str = "r"):
+    """Train through a CLI `main` on the first `rows` BIKED designs, rendered on the fly into tmp/data/.cache (the
+    working directory is tmp meanwhile); `make_config(tmp, csv)` writes the config. Returns (run dir, config)."""
+    csv = tmp / "bikes.csv"
+    frame.head(rows).to_csv(csv, index=False)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    try:
+        config = make_config(tmp, csv)
+        assert main(["--config", str(config), "--logdir", str(tmp / "logs"), "--name", name]) == 0
+    finally:
+        mp.undo()
+    return next((tmp / "logs").iterdir()), config

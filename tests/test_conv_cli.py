@@ -10,7 +10,7 @@ from PIL import Image
 import evaluate
 import sample
 import train_conv_mcvae
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_on_fresh_renders
 from tests.test_cli import expect_error, run_dir_of
 
 
@@ -30,16 +30,8 @@ def conv_config(tmp_path, images_path, **trainer):
 @pytest.fixture(scope="module")
 def conv_run(tmp_path_factory, biked_frame):
     tmp = tmp_path_factory.mktemp("conv")
-    csv = tmp / "bikes.csv"
-    biked_frame.head(48).to_csv(csv, index=False)
-    mp = pytest.MonkeyPatch()
-    mp.chdir(tmp)  # the on-the-fly render cache goes to ./data/.cache
-    try:
-        config = conv_config(tmp, csv)
-        assert train_conv_mcvae.main(["--config", str(config), "--logdir", str(tmp / "logs"), "--name", "c"]) == 0
-    finally:
-        mp.undo()
-    return run_dir_of(tmp / "logs"), config, tmp
+    run, config = train_on_fresh_renders(tmp, biked_frame, conv_config, train_conv_mcvae.main, name="c")
+    return run, config, tmp
 
 
 def test_run_directory(conv_run):

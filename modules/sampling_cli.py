@@ -1,0 +1,46 @@
+"""Command-line flags shared by sample.py and evaluate.py (cheap to import: heavy modules load on use)."""
+
+
+def add_sampling_arguments(parser) -> None:
+    """The diffusion sampling flags of sample.py and evaluate.py."""
+    g = parser.add_argument_group("diffusion models (mcLDM)")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the config's diffusion.sampler")
+    g.add_argument("--steps", type=int, help="denoising steps (default: diffusion.sampling_steps; ddpm: all)")
+    g.add_argument("--eta", type=float, help="DDIM η: 0 deterministic … 1 DDPM-like")
+    g.add_argument("--cfg_scale", type=float, help="classifier-free guidance w: ε = (1+w)·ε_cond − w·ε_uncond")
+
+
+def apply_sampling_arguments(model, args) -> None:
+    """Pass the sampling flags to an mcLDM; refuse them for models that do not diffuse."""
+    from modules.errors import UserError
+
+    given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "cfg_scale") if getattr(args, k) is not None}
+    if not given:
+        return
+    from modules.mcldm import MCLDM
+
+    if not isinstance(model, MCLDM):
+        raise UserError(f"--{next(iter(given))} applies to diffusion models (mcLDM) only; this checkpoint holds a "
+                        f"'{model.model_type}' model.")
+    model.set_sampling(**given)
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+
+
+def model_device(name: str):
+    """torch.device of --device, with a clear error for a GPU that is not there."""
+    import torch
+
+    from modules.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
+    return device
