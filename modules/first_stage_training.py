@@ -76,6 +76,9 @@ class FirstStageRunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=20, batch_size=32))
     sample_grid: ReconstructionGridConfig = field(default_factory=ReconstructionGridConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # a stable folder that also receives the export (replaced as a whole), so an mcLDM config can name it;
+    # null = only <run>/first_stage/
+    export_to: Optional[str] = None
 
 
 def autoencoder_config(cfg: FirstStageRunConfig) -> dict:
@@ -362,21 +365,44 @@ class ReconstructionGridCallback(pl.Callback):
 
 
 class ExportFirstStage(pl.Callback):
-    """At the end of training: <run>/first_stage/ in diffusers format, and the config line that uses it."""
+    """At the end of training: <run>/first_stage/ in diffusers format (and a copy in `export_to`), and the config
+    line that uses it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, export_to: Optional[str] = None):
         self.folder = Path(run_dir) / "first_stage"
+        self.export_to = Path(export_to) if export_to else None
 
     def on_train_end(self, trainer, pl_module):
         folder = pl_module.export(self.folder, trainer.datamodule.tensors["train"][0])
+        where = f"{folder}"
+        if self.export_to is not None:
+            folder = copy_folder_atomically(folder, self.export_to)
+            where += f" and {folder}"
         scaling = json.loads((folder / "first_stage_info.json").read_text())["scaling_factor"]
-        print(f"\nfirst stage exported to {folder} (scaling factor {scaling:.5f}); use it in an mcLDM config:\n"
+        print(f"\nfirst stage exported to {where} (scaling factor {scaling:.5f}); use it in an mcLDM config:\n"
               f"  first_stage: {{pretrained: {folder}, subfolder: null}}")
+
+
+def copy_folder_atomically(source: Path, target: Path) -> Path:
+    """Replace `target` by a copy of `source`: copied beside it first, so a crash never leaves half a folder."""
+    import os
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def first_stage_callbacks(cfg: FirstStageRunConfig, run_dir: Path) -> list:
     grid = [ReconstructionGridCallback(run_dir, cfg.sample_grid)] if cfg.sample_grid.every_n_epochs else []
-    return [*grid, ExportFirstStage(run_dir)]
+    return [*grid, ExportFirstStage(run_dir, cfg.export_to)]
 
 
 # --------------------------------------------------------------------------- build and evaluate

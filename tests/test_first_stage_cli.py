@@ -24,6 +24,7 @@ def setup(tmp_path_factory, biked_frame):
     raw["discriminator"].update({"enabled": True, "start_epoch": 0, "layers": 1, "channels": 8})
     raw["trainer"].update({"max_epochs": 1, "batch_size": 8, "num_threads": 1})
     raw["sample_grid"].update({"n_images": 4})
+    raw["export_to"] = str(tmp / "stable" / "fs")
     config = tmp / "first_stage.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     return tmp, config
@@ -47,6 +48,9 @@ def test_run_directory_export_and_evaluation(run):
     summary = json.loads((run / "eval/summary.json").read_text())
     assert summary["n_images"] == 4 and 0 < summary["mse"] < 4 and summary["latent_shape"] == [4, 16, 16]
     info = json.loads((run / "first_stage/first_stage_info.json").read_text())
+    stable = run.parent.parent / "stable" / "fs"  # export_to: the same files, for configs to name
+    assert sorted(p.name for p in stable.iterdir()) == sorted(p.name for p in (run / "first_stage").iterdir())
+    assert json.loads((stable / "first_stage_info.json").read_text()) == info
     first_stage = FirstStage.from_config(FirstStageConfig(pretrained=str(run / "first_stage"), subfolder=None),
                                          source="test")
     assert first_stage.scaling_factor == pytest.approx(info["scaling_factor"])
@@ -62,7 +66,8 @@ def test_resume(run, setup, capsys):
                                    "--max_epochs", "2", "--no_eval"])
     assert code == 0
     out = capsys.readouterr().out
-    assert f"first_stage: {{pretrained: {run / 'first_stage'}, subfolder: null}}" in out
+    assert f"first stage exported to {run / 'first_stage'} and {tmp / 'stable' / 'fs'}" in out
+    assert f"first_stage: {{pretrained: {tmp / 'stable' / 'fs'}, subfolder: null}}" in out
     resumed = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] > first["global_step"]
     assert json.loads((run / "first_stage/first_stage_info.json").read_text())["epochs"] == 2

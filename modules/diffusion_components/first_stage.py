@@ -132,7 +132,7 @@ class FirstStage(nn.Module):
                                     else getattr(config, "scaling_factor", None) or 1.0)
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
         self._fingerprint: Optional[str] = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(self, "_fingerprint", None))
+        self.register_load_state_dict_post_hook(self._forget_fingerprint)
         self.train(False)
 
     @classmethod
@@ -142,6 +142,9 @@ class FirstStage(nn.Module):
         check_first_stage_config(cfg, source)
         autoencoder = _build_random(cfg.config, source) if cfg.config is not None else _load_pretrained(cfg, source)
         return cls(autoencoder, dtype=cfg.dtype, scaling_factor=cfg.scaling_factor)
+
+    def _forget_fingerprint(self, module, incompatible_keys) -> None:
+        self._fingerprint = None  # new weights were loaded
 
     def train(self, mode: bool = True) -> "FirstStage":
         return super().train(False)  # frozen: always eval (no dropout; GroupNorm has no running statistics anyway)
