@@ -377,6 +377,11 @@ def quiet_lightning() -> None:
                     ".*module\\(s\\) in eval mode at the start of training.*",  # the EMA copy, on purpose
                     ".*overridden `transfer_batch_to_device`.*"):  # on purpose: batches are already on the device
         warnings.filterwarnings("ignore", message=pattern)
+    import logging
+
+    # an advertisement for a cloud logger, printed on every run
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
 
 
 def write_config(cfg, run_dir: Path) -> None:
