@@ -59,7 +59,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class ReconstructionGridConfig:
-    every_n_epochs: int = 1  # 0 = never; <run>/samples/epoch_XXX.png: validation images | reconstructions
+    every_n_epochs: int = 1  # 0 = never; <run>/samples/epoch_NNN.png: validation images | reconstructions
     n_images: int = 8
 
 
