@@ -32,6 +32,9 @@ class SplitConfig:
     val: float = 0.1
     test: float = 0.1
     seed: int = 0
+    # train on this fraction of the training split only (seeded; every category kept); validation and test
+    # splits do not change, so data-set size studies compare on the same test designs
+    train_fraction: float = 1.0
 
 
 @dataclass

@@ -106,6 +106,11 @@ def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.n
     assignment[train] = "train"
     assignment[remaining[:n_val]] = "val"
     assignment[remaining[n_val:]] = "test"
+    if not 0.0 < split.train_fraction <= 1.0:
+        raise UserError(f"data.split.train_fraction must lie in (0, 1], got {split.train_fraction}.")
+    if split.train_fraction < 1.0:  # drop the end of the seeded order; the category anchors come first
+        keep = max(len(anchors), int(round(split.train_fraction * len(train))))
+        assignment[train[keep:]] = "unused"
     return assignment
 
 

@@ -76,3 +76,20 @@ def train_on_fresh_renders(tmp: Path, frame: pd.DataFrame, make_config, main, *,
     finally:
         mp.undo()
     return next((tmp / "logs").iterdir()), config
+
+
+def run_notebook(path: Path, tmp: Path, **parameters) -> "nbformat.NotebookNode":
+    """Execute a notebook with papermill (its `parameters` cell overridden by `parameters`) in `tmp`, with the
+    repository importable; returns the executed notebook. Fails the test with the failing cell's error."""
+    import os
+
+    import papermill
+
+    out = tmp / f"executed_{Path(path).name}"
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
+    try:
+        return papermill.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(tmp),
+                                          kernel_name="python3", progress_bar=False)
+    finally:
+        os.environ["PYTHONPATH"] = env_path

@@ -113,3 +113,14 @@ def test_scaler_error_weights():
     assert torch.equal(scaler.error_weights("train"), torch.ones(2))
     restored = MinMaxScaler.from_state(scaler.state_dict())
     assert np.array_equal(restored.dataset_maximum, scaler.dataset_maximum)
+
+
+def test_train_fraction_shrinks_only_the_training_split(biked_frame):
+    cfg = DataConfig(csv_path="x", design_columns=["x"], conditions=[ConditionSpec("BikeStyle", "categorical")])
+    full = split_rows(biked_frame, cfg, SplitConfig())
+    quarter = split_rows(biked_frame, cfg, SplitConfig(train_fraction=0.25))
+    assert ((full == "test") == (quarter == "test")).all() and ((full == "val") == (quarter == "val")).all()
+    assert (quarter == "train").sum() == round(0.25 * (full == "train").sum())
+    assert set(np.flatnonzero(quarter == "train")) <= set(np.flatnonzero(full == "train"))
+    styles = biked_frame["BikeStyle"].astype(str)
+    assert set(styles[quarter == "train"]) == set(styles)  # every category still in training
