@@ -78,7 +78,7 @@ def train_on_fresh_renders(tmp: Path, frame: pd.DataFrame, make_config, main, *,
     return next((tmp / "logs").iterdir()), config
 
 
-def run_notebook(path: Path, tmp: Path, **parameters) -> "nbformat.NotebookNode":
+def run_notebook(path: Path, tmp: Path, **parameters):
     """Execute a notebook with papermill (its `parameters` cell overridden by `parameters`) in `tmp`, with the
     repository importable; returns the executed notebook. Fails the test with the failing cell's error."""
     import os

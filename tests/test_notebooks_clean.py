@@ -1,0 +1,25 @@
+"""Every notebook in git: a `parameters` cell first (papermill), outputs stripped, and a test that runs it."""
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tests.conftest import ROOT
+
+NOTEBOOKS = sorted([*ROOT.glob("_notebooks/*.ipynb"), *ROOT.glob("experiments/*.ipynb")])
+KEEPS_FIGURES: set[str] = set()  # notebooks whose rendered figures are the point (committed with outputs)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_parameters_cell_and_stripped_outputs(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged 'parameters'"
+    if path.name not in KEEPS_FIGURES:
+        assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be stripped in git"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_notebook_is_executed_by_a_test(path: Path):
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    assert path.name in tests, f"no test executes {path.name}"
