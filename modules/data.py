@@ -45,6 +45,8 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
         raise UserError(f"{path}: column{'s' if len(missing) > 1 else ''} {', '.join(hints)} named in the config "
                         f"{'are' if len(missing) > 1 else 'is'} not in the file. Fix data.design_columns / "
                         f"data.conditions or the CSV header.")
+    if cfg.id_column:
+        check_unique_ids(frame, cfg.id_column, path)
     for column in cfg.design_columns:
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
@@ -66,6 +68,18 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
                                 f"(= missing, masked), or declare the condition categorical.")
             frame[spec.name] = values.astype(np.float64)
     return frame
+
+
+def check_unique_ids(frame: pd.DataFrame, column: str, path) -> None:
+    """Every row needs its own id (split.csv, image files and sampling refer to rows by it)."""
+    duplicated = frame[column].duplicated(keep=False)
+    if duplicated.any():
+        rows = np.flatnonzero(duplicated.to_numpy())
+        value = frame[column].iloc[rows[0]]
+        same = [r + 2 for r in rows if frame[column].iloc[r] == value][:3]
+        raise UserError(f"{path}: the id column '{column}' has duplicates ({value!r} in rows "
+                        f"{', '.join(map(str, same))}; row numbers count the header as row 1). Every row needs its "
+                        "own id: fix the file, or unset data.id_column.")
 
 
 # --------------------------------------------------------------------------- splitting

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from modules.conditioning import ConditionSchema
 from modules.config import ConditionSpec, SplitConfig
-from modules.data import SPLITS, ConditionedDataModule
+from modules.data import SPLITS, ConditionedDataModule, check_unique_ids
 from modules.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,7 @@ class ImageDataModule(ConditionedDataModule):
         if missing:
             raise UserError(f"{path}: column(s) {', '.join(repr(m) for m in missing)} named in the config are not in "
                             "the file.")
-        duplicated = frame[cfg.id_column][frame[cfg.id_column].duplicated()]
-        if len(duplicated):
-            raise UserError(f"{path}: the id column '{cfg.id_column}' has duplicates (e.g. {duplicated.iloc[0]!r}); "
-                            "every image needs its own id.")
+        check_unique_ids(frame, cfg.id_column, path)
         return frame
 
     def on_after_batch_transfer(self, batch, dataloader_idx):

@@ -124,3 +124,28 @@ def test_train_fraction_shrinks_only_the_training_split(biked_frame):
     assert set(np.flatnonzero(quarter == "train")) <= set(np.flatnonzero(full == "train"))
     styles = biked_frame["BikeStyle"].astype(str)
     assert set(styles[quarter == "train"]) == set(styles)  # every category still in training
+
+
+def test_duplicate_ids_are_refused_with_their_rows(tmp_path, biked_frame):
+    frame = biked_frame.head(30).copy()
+    frame.loc[7, "Bike index"] = frame.loc[3, "Bike index"]
+    path = tmp_path / "dup.csv"
+    frame.to_csv(path, index=False)
+    cfg = DataConfig(csv_path=str(path), design_columns=["Wheel diameter rear"], id_column="Bike index",
+                     conditions=[ConditionSpec("BikeStyle", "categorical")])
+    with pytest.raises(UserError, match=r"duplicates .* rows 5, 9"):
+        read_table(path, cfg)
+
+
+def test_empty_file_and_all_missing_condition(tmp_path, biked_frame):
+    cfg = DataConfig(csv_path="x", design_columns=["Wheel diameter rear"],
+                     conditions=[ConditionSpec("BikeStyle", "categorical")])
+    biked_frame.head(0).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(UserError, match="no data rows"):
+        read_table(tmp_path / "empty.csv", cfg)
+    frame = biked_frame.head(50).copy()
+    frame["BikeStyle"] = None
+    frame.to_csv(tmp_path / "missing.csv", index=False)
+    cfg.csv_path = str(tmp_path / "missing.csv")
+    with pytest.raises(UserError, match="'BikeStyle' has no value in the training split"):
+        ParametricDataModule(cfg, batch_size=8)
