@@ -92,6 +92,8 @@ class TrainerConfig:
     seed: int = 42
     check_val_every_n_epoch: int = 1
     checkpoint_every_n_epochs: int = 1  # last.ckpt (the resume point); always written after the final epoch
+    # also write last.ckpt every N optimizer steps (mid-epoch; a resumed run continues at that batch); null = off
+    checkpoint_every_n_steps: Optional[int] = None
     log_every_n_steps: int = 50
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"

@@ -198,7 +198,7 @@ class TensorBatches:
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], *, batch_size: int, shuffle: bool, seed: int = 0,
                  drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None, group: int = 1,
-                 accumulate: int = 1):
+                 accumulate: int = 1, skip_fn: Optional[Callable[[], int]] = None):
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -206,6 +206,7 @@ class TensorBatches:
         self.drop_last = drop_last
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.accumulate = max(1, accumulate)
+        self.skip_fn = skip_fn  # items (Lightning steps) to skip at the start of the next epoch
         self.group = max(1, group) * self.accumulate  # whole optimizer steps per Lightning step
 
     @property
@@ -237,7 +238,7 @@ class TensorBatches:
         for i in range(self.n_batches):
             yield tuple(t[i * self.batch_size:(i + 1) * self.batch_size] for t in data)
 
-    def __iter__(self):
+    def _items(self):
         if self.group == 1:
             yield from self._batches()
             return
@@ -249,6 +250,12 @@ class TensorBatches:
                 chunk = []
         if chunk:
             yield chunk
+
+    def __iter__(self):
+        skip = self.skip_fn() if self.skip_fn is not None else 0  # resuming inside an epoch
+        for i, item in enumerate(self._items()):
+            if i >= skip:
+                yield item
 
 
 class ConditionedDataModule(pl.LightningDataModule):
@@ -263,6 +270,7 @@ class ConditionedDataModule(pl.LightningDataModule):
         self.seed = seed
         self.fused_steps = fused_steps
         self.accumulate = accumulate
+        self.skip_batches: Optional[tuple[int, int]] = None  # (epoch, batches): set when resuming inside an epoch
         self.device = torch.device("cpu")
         self.tensors: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -316,12 +324,19 @@ class ConditionedDataModule(pl.LightningDataModule):
             self.device = self.trainer.strategy.root_device
         self.tensors = {k: tuple(t.to(self.device) for t in v) for k, v in self.tensors.items()}
 
+    def _take_skip(self) -> int:
+        """The batches a run resumed inside an epoch skips in that epoch (however often it is iterated)."""
+        if self.skip_batches and self.skip_batches[0] == self._current_epoch():
+            return self.skip_batches[1]
+        return 0
+
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self):
         return TensorBatches(self.tensors["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                             epoch_fn=self._current_epoch, group=self.fused_steps, accumulate=self.accumulate)
+                             epoch_fn=self._current_epoch, group=self.fused_steps, accumulate=self.accumulate,
+                             skip_fn=self._take_skip)
 
     def val_dataloader(self):
         # the training batch size, so that batch-summed losses (`reconstruction: sse`) compare with training

@@ -100,6 +100,9 @@ class SparsityScheduler(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         pl_module.sparsity_schedule = self.schedule  # after a resume: the restored one
+        # a run resumed inside an epoch gets no on_train_epoch_start for that epoch
+        t = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
+        self._set(trainer, pl_module, t)
 
     def on_train_epoch_start(self, trainer, pl_module):
         t = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step

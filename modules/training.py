@@ -117,6 +117,8 @@ def check_common(cfg, source: str) -> None:
                 "log_every_n_steps", "fused_steps", "accumulate_grad_batches", "num_nodes"):
         require(getattr(t, key) >= 1, source, f"trainer.{key}", "≥ 1", getattr(t, key))
     require(0 <= t.seed < 2**32, source, "trainer.seed", "in [0, 2^32)", t.seed)
+    require(t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1, source,
+            "trainer.checkpoint_every_n_steps", "≥ 1 or null", t.checkpoint_every_n_steps)
     require(t.precision in PRECISIONS, source, "trainer.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     require(t.num_threads is None or t.num_threads >= 1, source, "trainer.num_threads", "≥ 1 or null", t.num_threads)
     # one device: multi-device training (DDP) is not supported yet, and 'auto' would take every GPU
@@ -238,19 +240,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(Checkpoint):
-    """Writes <run>/checkpoints/last.ckpt every N epochs and at the end: the file `--ckpt_path` resumes from.
+    """Writes <run>/checkpoints/last.ckpt every N epochs, every K optimizer steps (mid-epoch) and at the end: the
+    file `--ckpt_path` resumes from.
 
-    A `Checkpoint` subclass, so Lightning calls it after the module's `on_train_epoch_end` (LR step included).
+    A `Checkpoint` subclass, so Lightning calls it after the module's `on_train_epoch_end` (LR step included). A
+    mid-epoch checkpoint records how many training batches (Lightning steps) of its epoch are done; a resumed run
+    skips exactly those (the epoch's batch order is a function of seed and epoch), so it continues where the
+    checkpoint was written.
     """
 
-    def __init__(self, path: Path, every_n_epochs: int = 1):
+    def __init__(self, path: Path, every_n_epochs: int = 1, every_n_steps: Optional[int] = None):
         self.path = Path(path)
         self.every_n_epochs = max(1, every_n_epochs)
+        self.every_n_steps = every_n_steps
+        self._epoch, self._batches_done, self._mid_epoch = 0, 0, False
+        self._last_saved_step = -1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_done": self._batches_done, "mid_epoch": self._mid_epoch}
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # restored before the first batch is fetched (Lightning prefetches it before `on_train_start`): tell the
+        # data where the interrupted epoch stood
+        if state_dict.get("mid_epoch"):
+            epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+            datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+            if datamodule is not None:
+                datamodule.skip_batches = (epoch, done)
+                # Lightning does not call on_train_epoch_start for an epoch it resumes
+                self._epoch, self._batches_done = epoch, done
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch, self._batches_done = trainer.current_epoch, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._batches_done += 1
+        step = trainer.global_step
+        if self.every_n_steps and step // self.every_n_steps > self._last_saved_step // self.every_n_steps:
+            self._save(trainer, mid_epoch=True)
+        if getattr(trainer, "received_sigterm", False):  # Lightning only notes the signal; stop at this boundary
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()  # → on_exception below writes last.ckpt
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs or trainer.should_stop:
-            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: this file resumes the run
+            self._save(trainer, mid_epoch=False)
+
+    def on_exception(self, trainer, pl_module, exception):
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):  # preemption: keep the state of the last finished step
+            self._save(trainer, mid_epoch=True)
+            print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; resume with --ckpt_path {self.path}")
+
+    def _save(self, trainer, *, mid_epoch: bool) -> None:
+        self._mid_epoch = mid_epoch
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state: this file resumes the run
+        self._last_saved_step = trainer.global_step
 
 
 class NonFiniteLossGuard(Callback):
@@ -342,7 +393,8 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         monitor="val/loss" if validate else None, mode="min", save_top_k=1 if validate else 0, save_last=False,
         auto_insert_metric_name=False,
     )
-    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_epochs=t.checkpoint_every_n_epochs)
+    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_epochs=t.checkpoint_every_n_epochs,
+                          every_n_steps=t.checkpoint_every_n_steps)
     loggers: list = [RunCSVLogger(run_dir)]
     if use_wandb:
         wandb_logger = make_wandb_logger(cfg, run_dir, name, run_id)
@@ -375,7 +427,9 @@ def quiet_lightning() -> None:
                     ".*Experiment logs directory.*", ".*Checkpoint directory .* exists and is not empty.*",
                     ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
                     ".*module\\(s\\) in eval mode at the start of training.*",  # the EMA copy, on purpose
-                    ".*overridden `transfer_batch_to_device`.*"):  # on purpose: batches are already on the device
+                    ".*overridden `transfer_batch_to_device`.*",  # on purpose: batches are already on the device
+                    # LastCheckpoint makes the data resume inside an epoch (it skips the batches already done)
+                    ".*resuming from a checkpoint that ended before the epoch ended.*"):
         warnings.filterwarnings("ignore", message=pattern)
     import logging
 
@@ -432,8 +486,13 @@ def train_main(argv, spec) -> int:
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
         setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
+    except SIGTERMException:
+        print(f"stopped by SIGTERM (preemption); resume with --ckpt_path {last}")
+        return 143
     except TrainingDiverged as err:
         where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
         raise TrainingDiverged(f"{err} Last good checkpoint: {where}.") from None
