@@ -74,3 +74,33 @@ def test_sigterm_saves_the_last_finished_step_and_resumes_exactly(tmp_path, bike
     b = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 15
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
+def test_truncated_or_unsafe_checkpoints_are_refused(tmp_path, capsys):
+    import evaluate
+    from tests.test_cli import expect_error
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {"config": {"model_type": "mcvae"}}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    expect_error(capsys, evaluate.main(["--ckpt", str(truncated)]), "truncated.ckpt", "cannot be read", "truncated")
+
+    class Payload:  # unpickling this would run code: weights_only loading refuses it
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"hyper_parameters": {"config": {}}, "x": Payload()}, unsafe)
+    expect_error(capsys, evaluate.main(["--ckpt", str(unsafe)]), "unsafe.ckpt", "cannot be read")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, biked_slice):
+    config = write_config(tmp_path, "mcvae_biked", data={"csv_path": str(biked_slice)},
+                          trainer={"max_epochs": 2, "batch_size": 64, "precision": "bf16-mixed"})
+    assert train(config, tmp_path / "bf16", "--no_eval") == 0
+    ckpt = torch.load(run_dir_of(tmp_path / "bf16") / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 10
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["state_dict"].values()
+               if v.is_floating_point())  # bf16 compute, fp32 master weights
