@@ -429,7 +429,8 @@ def quiet_lightning() -> None:
                     ".*module\\(s\\) in eval mode at the start of training.*",  # the EMA copy, on purpose
                     ".*overridden `transfer_batch_to_device`.*",  # on purpose: batches are already on the device
                     # LastCheckpoint makes the data resume inside an epoch (it skips the batches already done)
-                    ".*resuming from a checkpoint that ended before the epoch ended.*"):
+                    ".*resuming from a checkpoint that ended before the epoch ended.*",
+                    ".*is not supported by the model summary.*"):  # only the printed size estimate
         warnings.filterwarnings("ignore", message=pattern)
     import logging
 
