@@ -80,7 +80,9 @@ class MaskedConditioningModule(pl.LightningModule):
     def step_generator(self, stream: int = 0) -> torch.Generator:
         """RNG for masks and noise as a function of (seed, stream, global step): a resumed run draws the same numbers."""
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.cfg.trainer.seed * 1_000_003 + stream) * 1_000_003 + int(self.global_step))
+        seed = (self.cfg.trainer.seed * 1_000_003 + stream) * 1_000_003 + int(self.global_step)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        g.manual_seed(seed + 7_919 * rank)  # DDP: masks and noise differ per rank (rank 0: as on one device)
         return g
 
     def current_sparsity(self) -> float:
@@ -168,6 +170,9 @@ class MaskedConditioningModule(pl.LightningModule):
         metrics = dict(extra, epoch=self.current_epoch)
         if stage in self._epoch_sums:
             keys, total, count = self._epoch_sums.pop(stage)
+            if self._trainer is not None and self.trainer.world_size > 1:  # DDP: over every rank's batches
+                both = self.trainer.strategy.reduce(torch.cat([total, total.new_tensor([count])]), reduce_op="sum")
+                total, count = both[:-1], both[-1]
             metrics.update({f"{stage}/{k}": v for k, v in zip(keys, (total / count).tolist())})
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)

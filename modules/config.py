@@ -105,6 +105,7 @@ class TrainerConfig:
     # Lightning precision: 32-true, bf16-mixed, 16-mixed; bf16-mixed falls back to 16-mixed on GPUs without bf16
     precision: str = "32-true"
     num_nodes: int = 1
+    strategy: str = "auto"  # ddp for several devices or nodes (Lightning strategy name)
 
 
 @dataclass

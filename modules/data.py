@@ -198,7 +198,7 @@ class TensorBatches:
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], *, batch_size: int, shuffle: bool, seed: int = 0,
                  drop_last: bool = False, epoch_fn: Optional[Callable[[], int]] = None, group: int = 1,
-                 accumulate: int = 1, skip_fn: Optional[Callable[[], int]] = None):
+                 accumulate: int = 1, skip_fn: Optional[Callable[[], int]] = None, rank: int = 0, world: int = 1):
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -207,11 +207,14 @@ class TensorBatches:
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.accumulate = max(1, accumulate)
         self.skip_fn = skip_fn  # items (Lightning steps) to skip at the start of the next epoch
+        # DDP: rank r takes every world-th row of the epoch's order, all ranks the same number of rows
+        self.rank, self.world = rank, max(1, world)
         self.group = max(1, group) * self.accumulate  # whole optimizer steps per Lightning step
 
     @property
     def n(self) -> int:
-        return self.tensors[0].shape[0]
+        rows = self.tensors[0].shape[0]
+        return rows // self.world if self.world > 1 else rows
 
     @property
     def n_batches(self) -> int:
@@ -229,12 +232,15 @@ class TensorBatches:
 
     def _batches(self):
         device = self.tensors[0].device
+        rows = self.tensors[0].shape[0]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch_fn()))
-            order = torch.randperm(self.n, generator=g).to(device)
-            data = tuple(t.index_select(0, order) for t in self.tensors)
+            order = torch.randperm(rows, generator=g)
         else:
-            data = self.tensors
+            order = torch.arange(rows) if self.world > 1 else None
+        if self.world > 1:
+            order = order[self.rank::self.world][: self.n]
+        data = self.tensors if order is None else tuple(t.index_select(0, order.to(device)) for t in self.tensors)
         for i in range(self.n_batches):
             yield tuple(t[i * self.batch_size:(i + 1) * self.batch_size] for t in data)
 
@@ -334,9 +340,10 @@ class ConditionedDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self):
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         return TensorBatches(self.tensors["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed,
                              epoch_fn=self._current_epoch, group=self.fused_steps, accumulate=self.accumulate,
-                             skip_fn=self._take_skip)
+                             skip_fn=self._take_skip, rank=rank, world=world)
 
     def val_dataloader(self):
         # the training batch size, so that batch-summed losses (`reconstruction: sse`) compare with training

@@ -44,6 +44,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--accelerator", help="override trainer.accelerator (cpu, gpu, auto)")
     p.add_argument("--devices", help="override trainer.devices (a number or 'auto')")
     p.add_argument("--num_nodes", type=int, help="override trainer.num_nodes (machines of a multi-node run)")
+    p.add_argument("--strategy", help="override trainer.strategy (ddp for several devices or nodes)")
     p.add_argument("--precision", help="override trainer.precision (32-true, bf16-mixed, 16-mixed)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end of training")
     return p
@@ -64,6 +65,7 @@ def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callab
         ("trainer", "devices"): _devices(args.devices),
         ("trainer", "num_nodes"): getattr(args, "num_nodes", None),
         ("trainer", "precision"): getattr(args, "precision", None),
+        ("trainer", "strategy"): getattr(args, "strategy", None),
         **{(section, key): getattr(args, flag.lstrip("-")) for flag, section, key, _ in extra_flags},
     }
     for (section, key), value in overrides.items():
@@ -122,8 +124,8 @@ def check_common(cfg, source: str) -> None:
     require(t.precision in PRECISIONS, source, "trainer.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     require(t.num_threads is None or t.num_threads >= 1, source, "trainer.num_threads", "≥ 1 or null", t.num_threads)
     # one device: multi-device training (DDP) is not supported yet, and 'auto' would take every GPU
-    require(t.devices in (1, "1", "auto"), source, "trainer.devices", "1 (multi-device training is not supported "
-            "yet)", t.devices)
+    require(t.devices == "auto" or (isinstance(t.devices, int) and t.devices >= 1), source, "trainer.devices",
+            "a number ≥ 1 or 'auto'", t.devices)
     require(o.lr > 0, source, "optimizer.lr", "> 0", o.lr)
     require(all(0 <= b < 1 for b in o.betas), source, "optimizer.betas", "two numbers in [0, 1)", list(o.betas))
     require(o.weight_decay >= 0, source, "optimizer.weight_decay", "≥ 0", o.weight_decay)
@@ -409,6 +411,7 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
             trainer = pl.Trainer(
                 max_epochs=t.max_epochs, accelerator=t.accelerator, devices=1 if t.devices == "auto" else int(t.devices),
+                strategy=t.strategy,
                 num_nodes=t.num_nodes, precision=resolve_precision(t.precision, t.accelerator),
                 logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
                 check_val_every_n_epoch=t.check_val_every_n_epoch, log_every_n_steps=t.log_every_n_steps,
@@ -417,7 +420,7 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
             )
     except Exception as err:  # Lightning's own words on an impossible accelerator/devices choice
         raise UserError(f"trainer.accelerator = {t.accelerator!r}, trainer.devices = {t.devices!r} cannot be used "
-                        f"here: {str(err).splitlines()[0]} Pass --accelerator cpu (or auto) and --devices 1.") from None
+                        f"here: {str(err).splitlines()[0]} Pass --accelerator cpu (or auto) and a --devices count this machine has.") from None
     return RunSetup(run_dir, checkpoint, trainer)
 
 
@@ -446,6 +449,14 @@ def write_config(cfg, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- the training job
 
 
+RUN_DIR_ENV = "MCLDM_RUN_DIR"
+
+
+def _launched_rank() -> int:
+    """> 0 in a process Lightning's DDP launcher started for another rank."""
+    return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
+
+
 def train_main(argv, spec) -> int:
     """Config → run directory → fit (or resume) → plots → evaluation. Shared by every train script."""
     quiet_lightning()
@@ -470,7 +481,10 @@ def train_main(argv, spec) -> int:
     if hparams is not None:
         dm.check_digest(hparams.get("split_digest"), args.ckpt_path)
     name = args.name or args.cfg_name or Path(source).stem
-    run_dir = (run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
+    shared = os.environ.get(RUN_DIR_ENV) if _launched_rank() else None  # a DDP child: rank 0's directory
+    run_dir = (Path(shared) if shared else None) or (
+        run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes Lightning launches for the other ranks
     if not dm.has_validation:
         warnings.warn(f"the validation split is empty ({len(dm.frame)} designs, data.split.val = {cfg.data.split.val}): "
                       "training runs without validation and writes no best checkpoint")
@@ -482,8 +496,9 @@ def train_main(argv, spec) -> int:
         if not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave no empty run directory behind
         raise
-    write_config(cfg, run_dir)
-    dm.split_frame().to_csv(run_dir / "split.csv", index=False)
+    if not _launched_rank():
+        write_config(cfg, run_dir)
+        dm.split_frame().to_csv(run_dir / "split.csv", index=False)
     print(f"run directory: {run_dir}")
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
@@ -497,6 +512,8 @@ def train_main(argv, spec) -> int:
     except TrainingDiverged as err:
         where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
         raise TrainingDiverged(f"{err} Last good checkpoint: {where}.") from None
+    if setup.trainer.global_rank != 0:
+        return 0  # rank 0 plots and evaluates (once, on the whole test split)
     if setup.trainer.interrupted:
         print(f"training interrupted; resume with --ckpt_path {last}")
         return 130

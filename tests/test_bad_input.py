@@ -29,7 +29,7 @@ def small_run(tmp_path_factory, biked_frame):
     ("optimizer", {"lr": -1.0}, "optimizer.lr must be > 0"),
     ("optimizer", {"betas": [0.9, 1.5]}, "optimizer.betas must be two numbers in [0, 1)"),
     ("trainer", {"check_val_every_n_epoch": 0}, "trainer.check_val_every_n_epoch must be ≥ 1"),
-    ("trainer", {"devices": 2}, "trainer.devices must be 1 (multi-device training is not supported yet)"),
+    ("trainer", {"devices": 0}, "trainer.devices must be a number ≥ 1 or 'auto'"),
     ("lr_scheduler", {"step_size": 0}, "lr_scheduler.step_size must be ≥ 1"),
     ("conditioning", {"embedding_dim": 0}, "conditioning.embedding_dim must be ≥ 1"),
     ("evaluation", {"sparsity_levels": []}, "evaluation.sparsity_levels must be a non-empty list"),
@@ -46,7 +46,8 @@ def test_impossible_accelerator_and_devices_flags(tmp_path, tiny_biked_config, c
         pytest.skip("this machine has a GPU")
     expect_error(capsys, train(tiny_biked_config, tmp_path / "l", "--accelerator", "gpu"),
                  "trainer.accelerator = 'gpu'", "--accelerator cpu")
-    expect_error(capsys, train(tiny_biked_config, tmp_path / "l", "--devices", "3"), "trainer.devices must be 1")
+    expect_error(capsys, train(tiny_biked_config, tmp_path / "l", "--accelerator", "gpu", "--devices", "3"),
+                 "trainer.devices = 3", "--devices count this machine has")
     assert not (tmp_path / "l").exists() or not any((tmp_path / "l").iterdir())
 
 
