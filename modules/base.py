@@ -177,6 +177,7 @@ class MaskedConditioningModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         return metrics
+
     def evaluation_target(self, x: torch.Tensor) -> torch.Tensor:
         """What generated outputs are compared with in evaluation: the data itself (latent models: decoded)."""
         return x

@@ -123,7 +123,7 @@ def check_common(cfg, source: str) -> None:
             "trainer.checkpoint_every_n_steps", "≥ 1 or null", t.checkpoint_every_n_steps)
     require(t.precision in PRECISIONS, source, "trainer.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     require(t.num_threads is None or t.num_threads >= 1, source, "trainer.num_threads", "≥ 1 or null", t.num_threads)
-    # one device: multi-device training (DDP) is not supported yet, and 'auto' would take every GPU
+    # 'auto' means one device (Lightning's 'auto' would take every GPU); more need trainer.strategy: ddp
     require(t.devices == "auto" or (isinstance(t.devices, int) and t.devices >= 1), source, "trainer.devices",
             "a number ≥ 1 or 'auto'", t.devices)
     require(o.lr > 0, source, "optimizer.lr", "> 0", o.lr)
@@ -420,7 +420,8 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
             )
     except Exception as err:  # Lightning's own words on an impossible accelerator/devices choice
         raise UserError(f"trainer.accelerator = {t.accelerator!r}, trainer.devices = {t.devices!r} cannot be used "
-                        f"here: {str(err).splitlines()[0]} Pass --accelerator cpu (or auto) and a --devices count this machine has.") from None
+                        f"here: {str(err).splitlines()[0]} Pass --accelerator cpu (or auto) and a --devices count "
+                        "this machine has.") from None
     return RunSetup(run_dir, checkpoint, trainer)
 
 
