@@ -223,28 +223,57 @@ class MaskedConditioningModule(pl.LightningModule):
 
 
 class MaskedConditionalVAE(MaskedConditioningModule):
-    """A VAE whose decoder sees the masked conditions: subclasses define `encode(x) -> (μ, log σ²)`,
-    `decode(z, conditions, averaged=False)`, `loss(x, x̂, μ, log σ²)` and `latent_shape`."""
+    """A VAE whose decoder sees the masked conditions. Subclasses define `encode(x, c) -> (μ, log σ²)`,
+    `decode(z, c, averaged=False)`, `loss(x, x̂, μ, log σ², prior)` and `latent_shape`, where c is the embedded
+    condition vector (`embed`, computed once per step), and may define a learned prior p(z | c) with
+    `prior(c, averaged) -> (μ_p, log σ_p²)` (default: None = N(0, I))."""
 
-    def forward(self, x, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
-        mu, logvar = self.encode(x)
+    def embed(self, conditions: MaskedConditions, *, averaged: bool = False) -> torch.Tensor:
+        """The condition embedding of the masked conditions (the EMA copy with `averaged`)."""
+        embedding = self.ema.shadow["embedding"] if averaged and self.ema is not None else self.embedding
+        return embedding(conditions)
+
+    def prior(self, c: torch.Tensor, *, averaged: bool = False):
+        return None
+
+    @property
+    def temperature(self) -> float:
+        """τ of z = μ_p + τ·σ_p·ε at generation (`model.temperature` where the model has one)."""
+        return float(getattr(self.cfg.model, "temperature", 1.0))
+
+    def _reconstruct(self, x, c: torch.Tensor, generator: Optional[torch.Generator] = None):
+        mu, logvar = self.encode(x, c)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
-        return self.decode(z, conditions), mu, logvar
+        return self.decode(z, c), mu, logvar
+
+    def forward(self, x, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
+        """(x̂, μ, log σ²) of a design and its masked conditions."""
+        return self._reconstruct(x, self.embed(conditions), generator)
 
     def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x, cat, num = batch
-        reconstruction, mu, logvar = self(x, self.mask(cat, num, p, generator), generator)
-        return self.loss(x, reconstruction, mu, logvar)
+        c = self.embed(self.mask(cat, num, p, generator))
+        reconstruction, mu, logvar = self._reconstruct(x, c, generator)
+        return self.loss(x, reconstruction, mu, logvar, self.prior(c))
 
     @torch.no_grad()
     def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Decoded from z ~ N(0, I) (or the given z) and the masked conditions, with the EMA weights when the
-        model keeps them; in the model's own space (normalised designs, images in the value range)."""
+        """Decoded from z ~ p(z | c) and the masked conditions, with the EMA weights when the model keeps them; in
+        the model's own space (normalised designs, images in the value range). `z` is the standard normal noise ε
+        (drawn when not given): z = μ_p(c) + τ·σ_p(c)·ε under a learned prior, z = τ·ε under N(0, I) (τ: the
+        sampling temperature, 1 by default), so one ε shared by every design (the paper's protocol) means the same
+        thing for both."""
         if z is None:
             z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
-        return self.decode(z.to(self.device), conditions, averaged=True)
+        z = z.to(self.device) * self.temperature
+        c = self.embed(conditions, averaged=True)
+        prior = self.prior(c, averaged=True)
+        if prior is not None:
+            mu, logvar = prior
+            z = mu + z * torch.exp(0.5 * logvar)
+        return self.decode(z, c, averaged=True)
 
 
 class ImageSampling:

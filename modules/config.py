@@ -26,15 +26,30 @@ class ConditionSpec:
     vocabulary: Optional[str] = None  # columns naming the same vocabulary share one vocabulary and embedding table
 
 
+SPLIT_DEFAULTS = {"project": (0.8, 0.1, 0.1), "authors": (0.85, 0.0, 0.15)}  # train, val, test per protocol
+
+
 @dataclass
 class SplitConfig:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
+    train: Optional[float] = None  # fractions; default 0.8 / 0.1 / 0.1 (project), 0.85 / 0 / 0.15 (authors)
+    val: Optional[float] = None
+    test: Optional[float] = None
     seed: int = 0
     # train on this fraction of the training split only (seeded; every category kept); validation and test
     # splits do not change, so data-set size studies compare on the same test designs
     train_fraction: float = 1.0
+    # project: a seeded train/val/test split with every category anchored in the training part (the default);
+    # authors: the authors' split, sklearn train_test_split(train_size=0.85, random_state=42 + seed + i) with i
+    # raised until every category of every categorical column is in the training part, and no validation part
+    # (seed 0 is the split of their published code)
+    protocol: Literal["project", "authors"] = "project"
+
+    def __post_init__(self):
+        train, val, test = SPLIT_DEFAULTS[self.protocol]
+        self.train = train if self.train is None else self.train
+        self.val = val if self.val is None else self.val
+        if self.test is None:  # the authors' test part is what train_test_split leaves
+            self.test = round(1.0 - self.train - self.val, 10) if self.protocol == "authors" else test
 
 
 @dataclass
@@ -46,6 +61,8 @@ class DataConfig:
     vocabularies: dict[str, list] = field(default_factory=dict)  # shared vocabularies with a fixed order
     split: SplitConfig = field(default_factory=SplitConfig)
     plot_style: Literal["bike", "profile", "points", "none"] = "points"  # how sample.py --plot draws designs
+    # geometric validity checks of generated designs in evaluation (modules/design_checks.py); null = none
+    design_checks: Optional[Literal["bike"]] = None
     outline_points: Optional[int] = None  # profile: the first N (x, y) points form a closed outline; the rest are dots
 
 
@@ -118,6 +135,11 @@ class EvaluationConfig:
     paper_z_seed: int = 42  # one z shared by every test design, as the authors' evaluation does
     prior_draws: int = 8
     adherence: bool = True
+    # model-free baselines scored on the same masks (parametric data): the mean training design, a random forest
+    # from the masked conditions to the design, k random training designs (README, "Evaluation")
+    baselines: bool = True
+    samples_per_design: int = 16  # k: the energy score, mean-of-k and best-of-k errors, validity and novelty
+    sample_seed: int = 1  # seed of those k samples per design
     diversity_groups: int = 50  # condition groups used for the diversity comparison
     diversity_samples: int = 16  # designs generated per group
     max_images: Optional[int] = None  # image models: evaluate the first N images of the split (null = all)

@@ -147,23 +147,24 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
                               "from_latent": self.from_latent, "up": self.up, "head": self.head})
 
     # ------------------------------------------------------------------ model
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor, c: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x) over the image only (c is not used)."""
         h = self.stem(images)
         for level in self.down:
             h = level(h)
         mu, logvar = self.to_posterior(h).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor, conditions: MaskedConditions, *, averaged: bool = False) -> torch.Tensor:
-        """p(x | z, c); `averaged` uses the EMA weights when the model keeps them."""
+    def decode(self, z: torch.Tensor, c: torch.Tensor, *, averaged: bool = False) -> torch.Tensor:
+        """p(x | z, c) from the condition embedding c; `averaged` uses the EMA weights when the model keeps them."""
         parts = self.ema.shadow if averaged and self.ema is not None else self.generative_modules()
-        c = parts["condition_map"](parts["embedding"](conditions))
+        c = parts["condition_map"](c)
         h = parts["from_latent"](torch.cat([z, c[:, :, None, None].expand(-1, -1, *z.shape[2:])], dim=1))
         for level in parts["up"]:
             h = level(h)
         return parts["head"](h)
 
-    def loss(self, images, reconstruction, mu, logvar) -> dict[str, torch.Tensor]:
+    def loss(self, images, reconstruction, mu, logvar, prior=None) -> dict[str, torch.Tensor]:
         """(1 - w)·MSE + w·KL, both mean-reduced (the KL per latent element, averaged over the batch)."""
         w = self.cfg.model.kl_weight
         rec = F.mse_loss(reconstruction, images)

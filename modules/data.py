@@ -95,6 +95,8 @@ def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.n
     if abs(total - 1.0) > 1e-6 or min(split.train, split.val, split.test) < 0:
         raise UserError(f"data.split fractions must be ≥ 0 and sum to 1, got train={split.train}, val={split.val}, "
                         f"test={split.test}.")
+    if split.protocol == "authors":
+        return authors_split(frame, cfg, split)[0]
     n = len(frame)
     order = np.random.default_rng(split.seed).permutation(n)
     n_train = int(round(split.train * n))
@@ -126,6 +128,43 @@ def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.n
         keep = max(len(anchors), int(round(split.train_fraction * len(train))))
         assignment[train[keep:]] = "unused"
     return assignment
+
+
+AUTHORS_RANDOM_STATE = 42  # the authors' SEED; their split retries with SEED + i
+
+
+def authors_split(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig, max_tries: int = 1000
+                  ) -> tuple[np.ndarray, int]:
+    """The split of the authors' `ensure_good_train_test_split` (train_mcvae.py of Phillip-M97/Masked_Conditioning):
+    sklearn `train_test_split(rows, train_size=split.train, shuffle=True, random_state=42 + split.seed + i)` for
+    i = 0, 1, … until every category of every categorical column (each column on its own, missing cells aside)
+    appears in the training part. No validation part. Returns the assignment and the random_state used."""
+    from sklearn.model_selection import train_test_split
+
+    if split.val != 0:
+        raise UserError(f"data.split.protocol 'authors' has no validation part; set data.split.val to 0 "
+                        f"(got {split.val}), or use protocol 'project'.")
+    if split.train_fraction != 1.0:
+        raise UserError("data.split.train_fraction < 1 needs data.split.protocol 'project' (the authors' split has "
+                        "no seeded training order to shorten).")
+    n = len(frame)
+    columns = []
+    for spec in (c for c in cfg.conditions if c.kind == "categorical"):
+        values = frame[spec.name].map(canonical_category).to_numpy(dtype=object)
+        columns.append((values, {v for v in values if v is not None}))
+    rows = np.arange(n)
+    for i in range(max_tries):
+        state = AUTHORS_RANDOM_STATE + split.seed + i
+        train, test = train_test_split(rows, train_size=split.train, shuffle=True, random_state=state)
+        if all(set(values[train]) >= every for values, every in columns):
+            assignment = np.empty(n, dtype=object)
+            assignment[train] = "train"
+            assignment[test] = "test"
+            return assignment, state
+    raise UserError(f"data.split.protocol 'authors': no random_state from {AUTHORS_RANDOM_STATE + split.seed} to "
+                    f"{AUTHORS_RANDOM_STATE + split.seed + max_tries - 1} puts every category into the training part "
+                    "(a category with a single design can only be in one part); use protocol 'project', which "
+                    "anchors every category in training.")
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -285,6 +324,10 @@ class ConditionedDataModule(pl.LightningDataModule):
         self.frame = frame
         self.assignment = split_rows(frame, cfg, cfg.split)
         sizes = {name: int((self.assignment == name).sum()) for name in SPLITS}
+        self.split_summary = (f"data split ({cfg.split.protocol} protocol, seed {cfg.split.seed}"
+                              + (f", random_state {authors_split(frame, cfg, cfg.split)[1]}"
+                                 if cfg.split.protocol == "authors" else "")
+                              + "): " + " / ".join(f"{sizes[k]} {k}" for k in SPLITS))
         if sizes["train"] == 0 or (cfg.split.test > 0 and sizes["test"] == 0):
             raise UserError(f"{source}: {len(frame)} designs split {cfg.split.train}/{cfg.split.val}/"
                             f"{cfg.split.test} leave {sizes} rows per split; the training and test splits need at "

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from modules import design_checks, scoring
+from modules.baselines import ConditionalForest, informative, majority_scores
 from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
 from modules.errors import UserError
@@ -49,9 +51,7 @@ def error_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *, error:
         draws = [error(model.generate(conditions, generator=g)) for _ in range(cfg.prior_draws)]
         rows.append({"sparsity": level, f"{name}_paper": paper, f"{name}_prior": float(np.mean(draws)),
                      f"{name}_prior_std": float(np.std(draws))})
-    table = pd.DataFrame(rows)
-    mean = {"sparsity": "mean", **{c: table[c].mean() for c in table.columns if c != "sparsity"}}
-    return pd.concat([table.astype({"sparsity": object}), pd.DataFrame([mean])], ignore_index=True)
+    return _with_mean(pd.DataFrame(rows))
 
 
 def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
@@ -59,6 +59,67 @@ def sse_per_sparsity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataF
     weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
     return error_per_sparsity(model, design, cat, num, cfg, name="sse",
                               error=lambda generated: ((generated - design).pow(2) * weights).sum(1).mean().item())
+
+
+# --------------------------------------------------------------------------- k samples per design
+
+
+@torch.no_grad()
+def draw_samples(model, conditions: MaskedConditions, k: int, generator: torch.Generator,
+                 chunk: int = 8192) -> torch.Tensor:
+    """k generated outputs for every row of `conditions`: (N, k, *output shape), in the model's own space."""
+    n = len(conditions)
+    repeated = MaskedConditions(conditions.categorical.repeat_interleave(k, dim=0),
+                                conditions.numerical.repeat_interleave(k, dim=0),
+                                conditions.numerical_mask.repeat_interleave(k, dim=0))
+    out = torch.cat([model.generate(repeated.rows(s, s + chunk), generator=generator)
+                     for s in range(0, n * k, chunk)])
+    return out.reshape(n, k, *out.shape[1:])
+
+
+@torch.no_grad()
+def sample_based_per_sparsity(model, design, cat, num, cfg: EvaluationConfig, *, train: torch.Tensor,
+                              forest: Optional[ConditionalForest] = None,
+                              checks: Optional[str] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per level, from `cfg.samples_per_design` samples per test design (seeded, the masks of `mask_draws`):
+    the energy score, the SSE of the mean of the k samples and the best-of-k SSE (`modules.scoring`), with the
+    baselines' SSE and energy score beside them; and the validity/novelty of the samples (`modules.design_checks`).
+    Every figure is on the error scale (`cfg.error_scale`); the baselines get exactly the model's masked conditions.
+    """
+    k = cfg.samples_per_design
+    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
+    uniform = mask_draws(cat, num, cfg)
+    g = _generator(cfg.sample_seed, design.device)
+    g_train = torch.Generator().manual_seed(cfg.sample_seed + 1)
+    train_mean = train.mean(dim=0, keepdim=True).expand_as(design)
+    point = lambda prediction: {  # noqa: E731  a point predictor as one sample
+        "sse": float(scoring.squared_errors(prediction[:, None], design, weights).mean()),
+        "energy_score": float(scoring.energy_score(prediction[:, None], design, weights).mean())}
+    mean_scores = point(train_mean)
+    rows = []
+    validity = [design_checks.validity_row("real test designs", design, model.scaler, train, weights, checks)]
+    for level in cfg.sparsity_levels:
+        conditions = level_masks(model, cat, num, level, uniform)
+        samples = draw_samples(model, conditions, k, g)
+        errors = scoring.sample_errors(samples, design, weights)
+        row = {"sparsity": level, **{name: float(v.mean()) for name, v in errors.items()}}
+        row.update({"train_mean_sse": mean_scores["sse"], "train_mean_energy_score": mean_scores["energy_score"]})
+        if forest is not None:
+            forest_scores = point(forest.predict(conditions).to(design.device))
+            row.update({"conditional_forest_sse": forest_scores["sse"],
+                        "conditional_forest_energy_score": forest_scores["energy_score"]})
+        picks = torch.randint(len(train), (len(design), k), generator=g_train).to(train.device)
+        row["train_sample_energy_score"] = float(scoring.energy_score(train[picks], design, weights).mean())
+        rows.append(row)
+        validity.append(design_checks.validity_row(f"generated, sparsity {level:g}", samples.flatten(0, 1),
+                                                   model.scaler, train, weights, checks))
+    return _with_mean(pd.DataFrame(rows)), pd.DataFrame(validity)
+
+
+def _with_mean(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a last row `mean` over the levels."""
+    mean = {"sparsity": "mean", **{c: table[c].mean() for c in table.columns if c != "sparsity"}}
+    return pd.concat([table.astype({"sparsity": object}), pd.DataFrame([mean])], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- adherence
@@ -95,16 +156,28 @@ def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray) -> floa
 
 
 @torch.no_grad()
-def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
+def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, *, train_cat=None,
+              train_num=None) -> pd.DataFrame:
     """Accuracy (categorical) / R² (numerical) of the condition predictors on real test designs and on designs
-    generated from the test conditions at each sparsity level, scored on the conditions that were not masked."""
+    generated from the test conditions at each sparsity level, scored on the conditions that were not masked.
+
+    `majority`: the score without looking at the design (most frequent training category; R² of the training
+    mean), from the training conditions `train_cat`/`train_num`. `informative`: the real designs clear it
+    (`modules.baselines.informative`); only for those conditions does adherence say something.
+    """
     real = design.cpu().numpy()
     cat_np, num_np = cat.cpu().numpy(), num.cpu().numpy()
     rows = {name: {"condition": name, "kind": kind, "metric": "accuracy" if kind == "categorical" else "r2"}
             for name, (kind, _, _) in predictors.items()}
     for name, (kind, j, predictor) in predictors.items():
         truth, known = _truth(kind, j, cat_np, num_np, model)
+        if train_cat is not None:
+            train_truth, train_known = _truth(kind, j, np.asarray(train_cat), np.asarray(train_num), model)
+            rows[name]["majority"] = majority_scores(kind, train_truth[train_known], truth[known])
         rows[name]["real"] = _score(kind, predictor, real[known], truth[known])
+        if train_cat is not None:
+            rows[name]["informative"] = informative(kind, rows[name]["real"], rows[name]["majority"], int(known.sum()))
+        rows[name]["n"] = int(known.sum())
     g = _generator(cfg.paper_z_seed + 1000, design.device)
     uniform = mask_draws(cat, num, cfg)
     for level in cfg.sparsity_levels:
@@ -197,30 +270,89 @@ def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[Evalua
 
 def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                         wandb_run=None, quiet: bool = False) -> dict:
-    """Write eval/{mse_per_sparsity,adherence,diversity}.csv, their plots and summary.json; returns the tables."""
+    """Write eval/{mse_per_sparsity,adherence,diversity,validity}.csv, their plots and summary.json; returns the
+    tables. Baselines (`modules.baselines`) are scored on the same split and the same masks as the model."""
     cfg, out_dir, (design, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
-    tables = {"mse_per_sparsity": sse_per_sparsity(model, design, cat, num, cfg)}
+    train_design, train_cat, train_num = (t.to(model.device) for t in dm.tensors["train"])
+    progress = _Progress(quiet)
+    progress("single-z errors")
+    errors = sse_per_sparsity(model, design, cat, num, cfg)
+    forest = None
+    if cfg.baselines:
+        progress("conditional forest baseline")
+        forest = ConditionalForest(model, train_design, train_cat, train_num, cfg.sparsity_levels, seed=cfg.mask_seed)
+    progress(f"{cfg.samples_per_design} samples per design")
+    sampled, validity = sample_based_per_sparsity(model, design, cat, num, cfg, train=train_design, forest=forest,
+                                                  checks=dm.cfg.design_checks)
+    tables = {"mse_per_sparsity": errors.merge(sampled, on="sparsity", sort=False)}
     if cfg.adherence:
+        progress("adherence")
         tr_design, tr_cat, tr_num = (t.cpu().numpy() for t in dm.tensors["train"])
         predictors = fit_condition_predictors(tr_design, tr_cat, tr_num, model.schema, seed=cfg.mask_seed)
-        tables["adherence"] = adherence(model, predictors, design, cat, num, cfg)
+        tables["adherence"] = adherence(model, predictors, design, cat, num, cfg, train_cat=tr_cat, train_num=tr_num)
+    progress("diversity")
     tables["diversity"] = diversity(model, design, cat, num, cfg)
+    tables["validity"] = validity
+    progress.done()
     figures = save_tables(tables, out_dir, error_name="sse")
-    sse = tables["mse_per_sparsity"].set_index("sparsity")
-    summary = {
-        "split": split, "n_designs": int(len(design)),
-        "sse_paper": {str(k): float(v) for k, v in sse["sse_paper"].items()},
-        "sse_prior": {str(k): float(v) for k, v in sse["sse_prior"].items()},
-        "diversity": tables["diversity"].to_dict(orient="records"),
-    }
+    table = tables["mse_per_sparsity"].set_index("sparsity")
+    summary = {"split": split, "n_designs": int(len(design)), "samples_per_design": cfg.samples_per_design,
+               "error_scale": cfg.error_scale,
+               **{column: {str(k): float(v) for k, v in table[column].items()} for column in table.columns},
+               "diversity": tables["diversity"].to_dict(orient="records"),
+               "validity": tables["validity"].to_dict(orient="records")}
+    if dm.cfg.design_checks:
+        summary["design_checks"] = {name: text for name, (text, _) in
+                                    design_checks.GEOMETRY_CHECKS[dm.cfg.design_checks].items()}
     if "adherence" in tables:
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
     scale = "whole data file" if cfg.error_scale == "dataset" else "training split"
-    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
-        "mse_per_sparsity": f"Per-design SSE (min-max scale of the {scale}) on the {split} split, {len(design)} designs:",
-        "adherence": "Condition adherence (accuracy / R² of a predictor fitted on real training designs):",
-        "diversity": "Diversity (mean pairwise distance, normalised design space):"})
+    k = cfg.samples_per_design
+    printed = {"mse_per_sparsity": _short(tables["mse_per_sparsity"], MODEL_COLUMNS),
+               "baselines": _short(tables["mse_per_sparsity"], BASELINE_COLUMNS)}
+    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
+        "mse_per_sparsity": f"Errors per evaluation sparsity on the {split} split ({len(design)} designs; min-max scale "
+                            f"of the {scale}). single_z: the paper's protocol (one z for every design); prior: a z per "
+                            f"design; ES: energy score from {k} samples per design (lower is better, proper); "
+                            f"mean_of_k / best_of_k: SSE of the mean / the closest of the {k} samples:",
+        "baselines": "Baselines on the same masks: SSE and ES of the mean training design (train_mean) and of a random "
+                     "forest regressing the design on the masked conditions (forest); ES of k random training "
+                     "designs (train_sample):",
+        "adherence": "Condition adherence (accuracy / R² of a predictor fitted on real training designs; majority: "
+                     "without looking at the design; informative: real designs clear it):",
+        "diversity": "Diversity (mean pairwise distance, normalised design space):",
+        "validity": "Validity and novelty (shares of designs; distance to the nearest training design):"})
     return tables
+
+
+# printed column → table column (the CSV keeps the long names)
+MODEL_COLUMNS = {"sparsity": "sparsity", "single_z": "sse_paper", "prior": "sse_prior", "prior_sd": "sse_prior_std",
+                 "ES": "energy_score", "mean_of_k": "sse_mean_of_k", "best_of_k": "sse_best_of_k"}
+BASELINE_COLUMNS = {"sparsity": "sparsity", "train_mean": "train_mean_sse", "forest": "conditional_forest_sse",
+                    "ES train_mean": "train_mean_energy_score", "ES forest": "conditional_forest_energy_score",
+                    "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
+
+
+def _short(table: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({short: table[long] for short, long in columns.items() if long in table.columns})
+
+
+class _Progress:
+    """One line per evaluation stage, so a long evaluation never looks hung, and the total time at the end."""
+
+    def __init__(self, quiet: bool):
+        import time
+
+        self.quiet, self.clock = quiet, time.perf_counter
+        self.started = self.clock()
+
+    def __call__(self, stage: str) -> None:
+        if not self.quiet:
+            print(f"evaluating: {stage} …", flush=True)
+
+    def done(self) -> None:
+        if not self.quiet:
+            print(f"evaluated in {self.clock() - self.started:.1f} s", flush=True)
 
 
 def save_tables(tables: dict, out_dir: Path, *, error_name: str) -> dict:
@@ -237,18 +369,20 @@ def save_tables(tables: dict, out_dir: Path, *, error_name: str) -> dict:
 
 
 def publish(out_dir: Path, tables: dict, figures: dict, summary: dict, *, wandb_run, quiet: bool,
-            headings: dict[str, str], footer: str = "") -> None:
-    """summary.json, the tables and figures to W&B, and the tables printed under their headings."""
+            headings: dict[str, str], footer: str = "", printed: Optional[dict[str, pd.DataFrame]] = None) -> None:
+    """summary.json, the tables and figures to W&B, and the tables printed under their headings (`printed`: what to
+    print instead of a table, or beside the tables, by heading name)."""
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if wandb_run is not None:
         _log_to_wandb(wandb_run, tables, figures)
     if quiet:
         return
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        shown = {**tables, **(printed or {})}
         for name, heading in headings.items():
-            if name in tables:
+            if name in shown:
                 print(f"\n{heading}")
-                print(tables[name].to_string(index=False))
+                print(shown[name].to_string(index=False))
         print(f"\nwritten to {out_dir}{footer}")
 
 
@@ -258,6 +392,9 @@ def _log_to_wandb(run, tables: dict, figures: dict) -> None:
 
         for name, table in tables.items():
             run.log({f"eval/{name}": wandb.Table(dataframe=table.astype({c: str for c in table.columns[:1]}))})
+        if "mse_per_sparsity" in tables:  # the means over levels as scalars, for the dashboard's run comparison
+            mean = tables["mse_per_sparsity"].iloc[-1]
+            run.summary.update({f"eval/{c}_mean": float(mean[c]) for c in mean.index if c != "sparsity"})
         for name, path in figures.items():
             run.log({f"eval/{name}_plot": wandb.Image(str(path))})
     except Exception as err:  # W&B never breaks an evaluation

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.baselines import informative, majority_scores
 from modules.config import EvaluationConfig
 from modules.evaluation import level_masks, mask_draws
 
@@ -100,10 +101,12 @@ def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]
 
 @torch.no_grad()
 def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig,
-                    train_cat: torch.Tensor | None = None, on_generated=None) -> pd.DataFrame:
+                    train_cat: torch.Tensor | None = None, train_num: torch.Tensor | None = None,
+                    on_generated=None) -> pd.DataFrame:
     """Accuracy / R² of the classifier on real test images and on images generated from the test conditions at
     each sparsity level, scored on the conditions that were neither missing nor masked. `majority`: the accuracy
-    of always answering the most frequent training category (R² 0), the floor a useful classifier must beat.
+    of always answering the most frequent training category (the R² of the training mean for numerical
+    conditions), the floor a useful classifier must beat; `informative`: the real images clear it.
     `on_generated(level, images)` sees each level's generated images (for the FID)."""
     schema = model.schema
     tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
@@ -114,12 +117,19 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
         reference = train_cat[:, j] if train_cat is not None else cat[:, j]
         reference = reference[reference != tokens[j]]
         keep = known_cat[:, j]
-        majority = torch.mode(reference).values if len(reference) else tokens[j]
-        rows[cond.name]["majority"] = float((cat[keep, j] == majority).float().mean()) if keep.any() else float("nan")
-    for cond in schema.numerical:
-        rows[cond.name]["majority"] = 0.0
+        rows[cond.name]["majority"] = majority_scores("categorical", reference.cpu().numpy(), cat[keep, j].cpu().numpy())
+    for j, cond in enumerate(schema.numerical):
+        reference = train_num[:, j] if train_num is not None else num[:, j]
+        truth = num[known_num[:, j], j].cpu().numpy()
+        rows[cond.name]["majority"] = majority_scores("numerical", reference[~torch.isnan(reference)].cpu().numpy(),
+                                                      truth)
     for name, value in _scores(schema, _predict(classifier, images), cat, num, known_cat, known_num).items():
         rows[name]["real"] = value
+    counts = {**{c.name: int(known_cat[:, j].sum()) for j, c in enumerate(schema.categorical)},
+              **{c.name: int(known_num[:, j].sum()) for j, c in enumerate(schema.numerical)}}
+    for name, row in rows.items():
+        row["informative"] = informative(row["kind"], row["real"], row["majority"], counts[name])
+        row["n"] = counts[name]
     uniform = mask_draws(cat, num, cfg)
     g = torch.Generator(device=cat.device).manual_seed(cfg.paper_z_seed + 3000)
     for level in cfg.sparsity_levels:

@@ -69,11 +69,15 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     tables = {"mse_per_sparsity": error_per_sparsity(
         model, target, cat, num, cfg, name="mse",
         error=lambda generated: (generated - target).pow(2).mean().item())}
+    tr_raw, tr_cat, tr_num = dm.split_images("train")
+    if cfg.baselines:  # the mean training image, on the same targets
+        mean_image = _mean_image(tr_raw, dm.cfg.value_range).to(model.device)
+        tables["mse_per_sparsity"]["train_mean_mse"] = float((mean_image[None] - target).pow(2).mean())
     tables["diversity"] = diversity(model, images, cat, num, cfg)
     if cfg.adherence:
         from modules.image_adherence import fit_condition_classifier, image_adherence
 
-        tr_raw, tr_cat, tr_num = (t.to(model.device) for t in dm.split_images("train"))
+        tr_raw, tr_cat, tr_num = (t.to(model.device) for t in (tr_raw, tr_cat, tr_num))
         classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
                                               model.schema, seed=cfg.mask_seed)
         from modules.fid import make_fid
@@ -83,7 +87,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         record = None if fid is None else (lambda level, generated: fids.append(
             {"sparsity": level, "fid": fid(from_model_range(generated, dm.cfg.value_range)), "features": fid.name}))
         tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat,
-                                              on_generated=record)
+                                              train_num=tr_num, on_generated=record)
         if fids:
             tables["fid"] = pd.DataFrame(fids)
     figures = save_tables(tables, out_dir, error_name="mse")
@@ -101,6 +105,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     summary = {"split": split, "n_images": int(len(images)),
                "mse_paper": {str(k): float(v) for k, v in mse["mse_paper"].items()},
                "mse_prior": {str(k): float(v) for k, v in mse["mse_prior"].items()},
+               **({"train_mean_mse": float(mse["train_mean_mse"].iloc[0])} if "train_mean_mse" in mse else {}),
                "diversity": tables["diversity"].to_dict(orient="records"),
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
     if "adherence" in tables:
@@ -108,12 +113,23 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     if "fid" in tables:
         summary["fid"] = tables["fid"].to_dict(orient="records")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
-        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images:",
-        "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images):",
+        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images "
+                            "(train_mean_mse: the mean training image, a baseline):",
+        "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images; majority: without "
+                     "looking at the image; informative: real images clear it):",
         "diversity": "Diversity (mean pairwise distance of images):",
         "fid": "Fréchet distance of generated to real test images per sparsity (features named):"},
         footer=" (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
     return tables
+
+
+def _mean_image(raw: torch.Tensor, value_range, chunk: int = 512) -> torch.Tensor:
+    """The mean of the training images in the model's value range, summed in chunks (the split may be large)."""
+    total = None
+    for start in range(0, len(raw), chunk):
+        part = to_model_range(raw[start:start + chunk], value_range).double().sum(dim=0)
+        total = part if total is None else total + part
+    return (total / len(raw)).float()
 
 
 class SampleGridCallback(pl.Callback):

@@ -61,18 +61,47 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+BASELINE_STYLE = {"train_mean": ("mean training design", "C7", (0, (4, 2))),
+                  "conditional_forest": ("forest on the masked conditions", "C3", (0, (1, 1.5))),
+                  "train_sample": ("random training designs", "C5", (0, (3, 1, 1, 1)))}
+
+
 def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
-    """The `<name>_paper` and `<name>_prior` columns of an error-per-sparsity table against the sparsity."""
+    """Left: the squared errors against the sparsity (`<name>_paper`, `<name>_prior` ± sd, mean-of-k, best-of-k and
+    the baselines' `<baseline>_<name>`); right, when the table has it: the energy score of the model and the
+    baselines. Baselines are dashed."""
     levels = table[table["sparsity"] != "mean"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
     x = levels["sparsity"].astype(float)
-    ax.plot(x, levels[f"{name}_paper"], "o-", label="paper protocol (one shared z)")
-    ax.errorbar(x, levels[f"{name}_prior"], yerr=levels[f"{name}_prior_std"], fmt="s--", capsize=3,
-                label="prior protocol (z per design)")
+    has_es = "energy_score" in levels
+    fig, axes = plt.subplots(1, 2 if has_es else 1, figsize=(11 if has_es else 5.5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(x, levels[f"{name}_paper"], "o-", color="C0", label="one shared z (paper protocol)")
+    ax.errorbar(x, levels[f"{name}_prior"], yerr=levels[f"{name}_prior_std"], fmt="s--", color="C1", capsize=3,
+                label="a z per design")
+    for column, label, marker, color in (("sse_mean_of_k", "mean of k samples", "^-", "C2"),
+                                         ("sse_best_of_k", "best of k samples", "v-", "C4")):
+        if column in levels:
+            ax.plot(x, levels[column], marker, color=color, label=label)
+    for baseline, (label, color, style) in BASELINE_STYLE.items():
+        if f"{baseline}_{name}" in levels:
+            ax.plot(x, levels[f"{baseline}_{name}"], color=color, ls=style, lw=1.6, label=f"baseline: {label}")
     ax.set_xlabel("evaluation sparsity (fraction of conditions masked)")
     ax.set_ylabel({"sse": "per-design SSE (normalised)", "mse": "pixel MSE"}.get(name, name))
+    ax.set_title("squared error (favours the conditional mean)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
+    if has_es:
+        ax = axes[0][1]
+        ax.plot(x, levels["energy_score"], "o-", color="C0", label="model (k samples per design)")
+        for baseline, (label, color, style) in BASELINE_STYLE.items():
+            if f"{baseline}_energy_score" in levels:
+                ax.plot(x, levels[f"{baseline}_energy_score"], color=color, ls=style, lw=1.6,
+                        label=f"baseline: {label}")
+        ax.set_xlabel("evaluation sparsity (fraction of conditions masked)")
+        ax.set_ylabel("energy score (lower is better)")
+        ax.set_title("energy score (proper: lowest for the true distribution)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -80,19 +109,26 @@ def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
 
 
 def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
+    """Adherence against the sparsity, accuracy and R² on panels of their own; dotted: real designs; sparse
+    dots: the majority baseline. Conditions that are not informative (real ≈ majority) are drawn faint."""
     level_columns = [c for c in table.columns if re.fullmatch(r"[0-9.]+", str(c))]
     x = [float(c) for c in level_columns]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, row in table.iterrows():
-        color = f"C{i % 10}"
-        ax.plot(x, row[level_columns].astype(float), "o-", color=color, label=f"{row['condition']} ({row['metric']})")
-        ax.axhline(row["real"], color=color, ls=":", lw=1)
-        if "majority" in row and row["kind"] == "categorical":
-            ax.axhline(row["majority"], color=color, ls=(0, (1, 4)), lw=0.8)
-    ax.set_xlabel("evaluation sparsity")
-    ax.set_ylabel("score on generated designs (dotted: real designs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    metrics = [m for m in ("accuracy", "r2") if (table["metric"] == m).any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, row in table[table["metric"] == metric].iterrows():
+            color = f"C{i % 10}"
+            faint = "informative" in row and not bool(row["informative"])
+            label = f"{row['condition']}" + (" (not informative)" if faint else "")
+            ax.plot(x, row[level_columns].astype(float), "o-", color=color, label=label, alpha=0.35 if faint else 1)
+            ax.axhline(row["real"], color=color, ls=":", lw=1, alpha=0.35 if faint else 1)
+            if "majority" in row and np.isfinite(float(row["majority"])):
+                ax.axhline(float(row["majority"]), color=color, ls=(0, (1, 4)), lw=0.8)
+        ax.set_xlabel("evaluation sparsity")
+        ax.set_ylabel(f"{'accuracy' if metric == 'accuracy' else 'R²'} on generated designs")
+        ax.set_title("dotted: real designs; sparse dots: majority class / training mean", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -148,6 +148,8 @@ def check_common(cfg, source: str) -> None:
     require(e.prior_draws >= 1, source, "evaluation.prior_draws", "≥ 1", e.prior_draws)
     require(e.diversity_groups >= 1, source, "evaluation.diversity_groups", "≥ 1", e.diversity_groups)
     require(e.diversity_samples >= 2, source, "evaluation.diversity_samples", "≥ 2", e.diversity_samples)
+    require(e.samples_per_design >= 2, source, "evaluation.samples_per_design", "≥ 2 (the energy score's spread "
+            "needs two samples)", e.samples_per_design)
     design_columns = getattr(cfg.data, "design_columns", None)  # parametric data only
     if design_columns is not None:
         require(len(design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
@@ -501,6 +503,8 @@ def train_main(argv, spec) -> int:
         write_config(cfg, run_dir)
         dm.split_frame().to_csv(run_dir / "split.csv", index=False)
     print(f"run directory: {run_dir}")
+    if hasattr(dm, "split_summary"):
+        print(dm.split_summary)
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     from pytorch_lightning.utilities.exceptions import SIGTERMException

@@ -47,7 +47,8 @@ def test_run_directory_has_every_file(trained_run):
     run, _ = trained_run
     for name in ["config.yaml", "split.csv", "metrics.csv", "hparams.yaml", "checkpoints/last.ckpt",
                  "plots/loss.png", "plots/sparsity.png", "eval/mse_per_sparsity.csv", "eval/mse_per_sparsity.png",
-                 "eval/adherence.csv", "eval/adherence.png", "eval/diversity.csv", "eval/summary.json"]:
+                 "eval/adherence.csv", "eval/adherence.png", "eval/diversity.csv", "eval/validity.csv",
+                 "eval/summary.json"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert len(list((run / "checkpoints").glob("best-epoch=*-val_loss=*.ckpt"))) == 1
     assert list((run / "wandb").glob("offline-run-*")), "offline W&B run missing"
@@ -64,13 +65,25 @@ def test_run_directory_has_every_file(trained_run):
 
     table = pd.read_csv(run / "eval/mse_per_sparsity.csv")
     assert table["sparsity"].tolist() == [str(round(0.1 * i, 1)) for i in range(10)] + ["mean"]
-    assert (table[["sse_paper", "sse_prior"]] > 0).all().all()
+    model_columns = ["sse_paper", "sse_prior", "energy_score", "sse_mean_of_k", "sse_best_of_k"]
+    baseline_columns = ["train_mean_sse", "train_mean_energy_score", "conditional_forest_sse",
+                        "conditional_forest_energy_score", "train_sample_energy_score"]
+    assert (table[model_columns + baseline_columns] > 0).all().all()
     assert table["sse_paper"].iloc[-1] == pytest.approx(table["sse_paper"].iloc[:-1].mean())
+    assert (table["sse_best_of_k"] <= table["sse_mean_of_k"] + 1e-9).all()  # the closest of k vs their mean
+    assert table["train_mean_sse"].nunique() == 1  # the mean design ignores the conditions
 
     adherence = pd.read_csv(run / "eval/adherence.csv")
     assert "Teeth on chainring" in set(adherence["condition"]) and "real" in adherence.columns
+    assert {"majority", "informative", "n"} <= set(adherence.columns)
+    validity = pd.read_csv(run / "eval/validity.csv")
+    assert validity["designs"].iloc[0] == "real test designs" and len(validity) == 11
+    assert validity.loc[0, "all_checks"] == 1.0  # every real BIKED design passes
+    assert validity["n"].iloc[1] == (split["split"] == "test").sum() * 16  # k = 16 samples per test design
     summary = json.loads((run / "eval/summary.json").read_text())
     assert summary["split"] == "test" and summary["n_designs"] == (split["split"] == "test").sum()
+    assert set(summary["design_checks"]) == {"wheels_apart", "saddle_above_bb", "tubes_positive"}
+    assert summary["energy_score"]["mean"] == pytest.approx(table["energy_score"].iloc[-1])
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, biked_slice):

@@ -13,7 +13,7 @@ def load(path):
     return load_run_config(common_parser("t").parse_args(["--config", str(path)]), MCVAERunConfig)
 
 
-@pytest.mark.parametrize("name", ["mcvae_biked", "mcvae_biked_diverse", "mcvae_cars"])
+@pytest.mark.parametrize("name", ["mcvae_biked", "mcvae_biked_paper", "mcvae_cars", "mcvae_cars_paper"])
 def test_shipped_configs_load(name):
     cfg, source = load_run_config(common_parser("t").parse_args(["--cfg_name", name]), MCVAERunConfig)
     assert source.endswith(f"{name}.yaml")

@@ -1,19 +1,32 @@
+import math
+
 import pandas as pd
 import pytest
 import torch
 
 from modules.errors import UserError
-from modules.mcvae import kl_divergence
+from modules.mcvae import ConditionedMLP, gaussian_nll, kl_divergence
 from modules.registry import MCVAE_SPEC
 from modules.training import common_parser, load_run_config
 
 
-@pytest.fixture
-def built(biked_slice):
-    args = common_parser("t").parse_args(["--cfg_name", "mcvae_biked", "--csv_path", str(biked_slice)])
+def build(biked_slice, name: str):
+    args = common_parser("t").parse_args(["--cfg_name", name, "--csv_path", str(biked_slice)])
     cfg, _ = load_run_config(args, MCVAE_SPEC.config_cls)
     torch.manual_seed(0)
     return MCVAE_SPEC.build(cfg)
+
+
+@pytest.fixture
+def built(biked_slice):
+    """The paper's mcVAE (configs/mcvae_biked_paper.yaml)."""
+    return build(biked_slice, "mcvae_biked_paper")
+
+
+@pytest.fixture
+def generative(biked_slice):
+    """The generative default (configs/mcvae_biked.yaml): Gaussian decoder, conditional prior, c at every layer."""
+    return build(biked_slice, "mcvae_biked")
 
 
 def test_forward_shapes_and_architecture(built):
@@ -77,7 +90,7 @@ def test_all_masked_conditions_give_the_unconditional_decoder_input(built):
 
 
 def test_ema_tracks_the_generative_path(biked_slice):
-    args = common_parser("t").parse_args(["--cfg_name", "mcvae_biked", "--csv_path", str(biked_slice)])
+    args = common_parser("t").parse_args(["--cfg_name", "mcvae_biked_paper", "--csv_path", str(biked_slice)])
     cfg, _ = load_run_config(args, MCVAE_SPEC.config_cls)
     cfg.model.ema_decay = 0.5
     _, model = MCVAE_SPEC.build(cfg)
@@ -93,3 +106,88 @@ def test_ema_tracks_the_generative_path(biked_slice):
     assert model.ema.current_decay() == 0.5 and int(model.ema.updates) == 101
     assert not model.ema.shadow["decoder"][1].weight.requires_grad
     assert any(k.startswith("ema.shadow.decoder") for k in model.state_dict())  # saved in checkpoints
+
+
+# --------------------------------------------------------------------------- the generative default
+
+
+def test_generative_default_architecture(generative):
+    dm, model = generative
+    assert isinstance(model.decoder, ConditionedMLP) and model.prior_net is not None
+    assert [layer.in_features for layer in model.decoder.layers] == [10, 32, 64, 128, 64]
+    assert model.decoder.condition.in_features == 40 and model.decoder.widths == [32, 64, 128, 64, 26]
+    assert model.encoder[0].in_features == 26  # the encoder still sees the design only
+    assert set(model.ema.shadow) == {"embedding", "decoder", "prior_net"}  # the prior is averaged too
+    design, cat, num = (t[:16] for t in dm.tensors["train"])
+    reconstruction, mu, logvar = model(design, model.mask(cat, num, 0.2, torch.Generator().manual_seed(0)))
+    assert reconstruction.shape == (16, 26) and mu.shape == logvar.shape == (16, 10)
+
+
+def test_conditioned_mlp_is_a_linear_over_h_and_c():
+    torch.manual_seed(0)
+    net = ConditionedMLP([3, 5, 2], condition_dim=4, activation=torch.nn.Tanh)
+    h, c = torch.randn(6, 3), torch.randn(6, 4)
+    v1, v2 = net.condition.weight.split([5, 2])
+    b1, b2 = net.condition.bias.split([5, 2])
+    first = torch.tanh(torch.cat([h, c], 1) @ torch.cat([net.layers[0].weight, v1], 1).T + b1)
+    expected = torch.cat([first, c], 1) @ torch.cat([net.layers[1].weight, v2], 1).T + b2
+    assert torch.allclose(net(h, c), expected, atol=1e-6)
+
+
+def test_gaussian_nll_and_the_kl_to_a_learned_prior(generative):
+    _, model = generative
+    x = torch.rand(4, 26)
+    x_hat = x + 0.1
+    sigma = model.cfg.model.decoder_sigma
+    nll = 26 * (0.5 * (0.1 / sigma) ** 2 + math.log(sigma))
+    assert torch.allclose(gaussian_nll(x, x_hat, model.log_sigma), torch.full((4,), nll), rtol=1e-5)
+    # q = N(0, 1), p = N(0.5, 4) per latent dim: ½ [log 4 − 0 + (1 + 0.25) / 4 − 1]
+    mu, logvar = torch.zeros(4, 10), torch.zeros(4, 10)
+    prior = (torch.full((4, 10), 0.5), torch.full((4, 10), math.log(4.0)))
+    kl = 10 * 0.5 * (math.log(4.0) + 1.25 / 4 - 1)
+    assert torch.allclose(kl_divergence(mu, logvar, prior), torch.full((4,), kl), rtol=1e-5)
+    out = model.loss(x, x_hat, mu, logvar, prior)
+    assert out["reconstruction"].item() == pytest.approx(nll, rel=1e-5) and out["kl"].item() == pytest.approx(kl)
+    assert out["loss"].item() == pytest.approx(0.5 * nll + 0.5 * kl, rel=1e-5)  # kl_weight 0.5: ½·(−ELBO)
+
+
+def test_generation_samples_the_conditional_prior_at_the_temperature(generative):
+    dm, model = generative
+    model.eval()
+    with torch.no_grad():
+        for p in model.ema.shadow["prior_net"].parameters():  # a prior that is not N(0, I)
+            p.normal_(0, 0.3)
+    _, cat, num = (t[:5] for t in dm.tensors["test"])
+    conditions = model.masking.apply(cat, num, torch.zeros_like(cat, dtype=torch.bool), torch.zeros_like(num, dtype=torch.bool))
+    eps = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    c = model.embed(conditions, averaged=True)
+    mu, logvar = model.prior(c, averaged=True)
+    for tau in (1.0, 0.5, 0.0):
+        model.cfg.model.temperature = tau
+        expected = model.decode(mu + tau * eps * torch.exp(0.5 * logvar), c, averaged=True)
+        assert torch.allclose(model.generate(conditions, z=eps), expected, atol=1e-6)
+    # τ = 0: the prior mean, one design per set of conditions whatever the noise
+    assert torch.allclose(model.generate(conditions, z=eps), model.generate(conditions, z=-eps), atol=1e-6)
+    # all conditions masked: the same prior (the marginal) for every design
+    every = model.embed(model.masking.mask_all(3), averaged=True)
+    prior_mu, _ = model.prior(every, averaged=True)
+    assert torch.allclose(prior_mu, prior_mu[:1].expand(3, -1))
+
+
+def test_generative_default_samples_differ_and_the_paper_config_does_not(tmp_path):
+    """40 epochs on BIKED show it: the paper's setting learns to ignore z (its samples for one set of conditions
+    nearly coincide), the default samples z from p(z | c) and its designs differ."""
+    from tests.conftest import BIKED, write_config
+    from modules.training import train_main
+
+    spreads = {}
+    for name, run in (("mcvae_biked_paper", "paper"), ("mcvae_biked", "default")):
+        config = write_config(tmp_path, name, data={"csv_path": str(BIKED)},
+                              trainer={"max_epochs": 40, "check_val_every_n_epoch": 40, "checkpoint_every_n_epochs": 40})
+        assert train_main(["--config", str(config), "--logdir", str(tmp_path / "logs"), "--name", run, "--no_eval"],
+                          MCVAE_SPEC) == 0
+        ckpt = next((tmp_path / "logs").glob(f"{run}_*/checkpoints/last.ckpt"))
+        _, model = MCVAE_SPEC.load(ckpt, with_data=False)
+        designs = model.sample({"BikeStyle": "ROAD", "Fork type": 0}, n=20, seed=0)[model.scaler.columns]
+        spreads[run] = float(model.scaler.transform(designs).std(dim=0).mean())
+    assert spreads["default"] > 0.02 and spreads["default"] > 3 * spreads["paper"], spreads

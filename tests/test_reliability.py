@@ -124,7 +124,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, biked_slice):
     assert metrics["step"].max() == 20
     losses = metrics.dropna(subset=["train/loss"]).groupby("epoch")["train/loss"].mean().tolist()
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] / 2
-    assert done.stdout.count("Per-design SSE") == 1  # evaluated once, by rank 0
+    assert done.stdout.count("Errors per evaluation sparsity") == 1  # evaluated once, by rank 0
     assert (run / "eval/summary.json").is_file()
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
