@@ -81,7 +81,7 @@ class GeneratedDesign:
         repeated = type(masked)(masked.categorical.repeat(k, 1), masked.numerical.repeat(k, 1),
                                 masked.numerical_mask.repeat(k, 1))
         z = self.z.repeat_interleave(n, dim=0)
-        generated = model.decode(z, repeated, averaged=True)  # normalised designs
+        generated = model.generate(repeated, z=z)  # normalised designs (EMA weights; through p(z | c) if learned)
         scaler = model.scaler
         designs = (generated.cpu().double().numpy() * scaler.span + scaler.minimum)[:, self.index]  # = scaler.inverse
         return designs.reshape(k, n, -1).mean(axis=0)

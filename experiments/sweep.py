@@ -199,7 +199,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "mcvae_biked", workers: int = 1,
+def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "mcvae_biked_paper", workers: int = 1,
               epochs: Optional[int] = None, csv_path: Optional[str] = None, fixed: Optional[dict] = None,
               logdir: Optional[str | Path] = None, progress: bool = True, quiet: bool = True,
               command: Optional[str] = None) -> pd.DataFrame:
@@ -471,7 +471,8 @@ def main(argv=None) -> int:
     common.add_argument("--epochs", type=int, help="trainer.max_epochs (default: the config's)")
     common.add_argument("--seeds", type=int, nargs="+", default=None, help="trainer.seed values")
     common.add_argument("--csv_path", help="the data file (default: the config's)")
-    common.add_argument("--base_config", default="mcvae_biked", help="config name in configs/ or a YAML path")
+    common.add_argument("--base_config", default="mcvae_biked_paper",
+                        help="config name in configs/ or a YAML path (default: the paper's mcVAE setting)")
     common.add_argument("--logdir", help="where run directories go (default logs/sweeps/<out name>)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_parse_assignment,
                         help="a fixed override for every cell, e.g. --set evaluation.adherence=false")
