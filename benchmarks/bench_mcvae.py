@@ -1,13 +1,21 @@
-"""Benchmark: full mcVAE training on BIKED (wall time) and the per-sparsity SSE against the paper's table.
+"""Benchmark: the paper's BIKED table and what the mcVAE configs generate, beside the baselines, on the authors'
+split and on the project's split seeds.
 
-    python benchmarks/bench_mcvae.py                       # 500 epochs of configs/mcvae_biked.yaml, 5 split seeds
-    python benchmarks/bench_mcvae.py --split_seeds 0       # one split only (≈ 40 s)
-    python benchmarks/bench_mcvae.py --authors_setup       # the authors' loss reduction, sentinel, no EMA
-    python benchmarks/bench_mcvae.py --epochs 5 --split_seeds 0   # smoke test
+    python benchmarks/bench_mcvae.py                      # both configs, the authors' split × training seeds
+                                                          # 42-44 and split seeds 0-4 (16 runs, ≈ 8 min on 2 cores)
+    python benchmarks/bench_mcvae.py --configs mcvae_biked_paper --authors_setup   # the authors' loss, init, no EMA
+    python benchmarks/bench_mcvae.py --epochs 5 --split_seeds 0 --train_seeds 42   # smoke test
 
-The first split seed's training is timed (whole command, and `fit` alone). Each split seed is then trained and
-evaluated; the table shows the per-design SSE (paper protocol: one z, seed 42) per seed, their mean and
-standard deviation, and the paper's BIKED numbers. Results: benchmarks/results/bench_mcvae[_authors].json.
+Every run is `train_mcvae.py` with its evaluation (`evaluate.py`'s tables): per-sparsity single-z SSE (the paper's
+protocol), energy score, mean-of-k and best-of-k SSE, the baselines on the same masks, adherence, diversity and
+validity. The first run is timed alone (whole command and `fit`); the others run `--workers` at a time.
+
+Printed, and written to benchmarks/results/bench_mcvae[_authors].{json,md}:
+1. the paper table (single-z SSE at sparsity 0 / 0.5 / 0.9 and the mean over the ten levels) on the authors'
+   split (data.split.protocol: authors; mean ± sd over training seeds) next to the paper's numbers;
+2. the same on the project's split seeds (mean ± sd over split seeds);
+3. generative quality per config on both: energy score, diversity ratio, adherence at s = 0 against the real
+   designs on the informative conditions, validity, with the baselines' energy scores.
 """
 from __future__ import annotations
 
@@ -19,100 +27,218 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 # Paper, BIKED mcVAE, linear sparsity 0.1 → 0.2, per-design SSE (normalised) at evaluation sparsity 0.0 … 0.9
 PAPER = {"0.0": 0.0732, "0.5": 0.0899, "0.9": 0.1107, "mean": 0.0883}
-AUTHORS_CODE_MEAN = 0.1016  # the authors' public code retrained on this machine (issue #2)
-AUTHORS_SECONDS_PER_EPOCH = 0.27
-AUTHORS_SETUP = {"model": {"reconstruction": "sse", "ema_decay": None, "init": "pytorch"},
-                 "conditioning": {"numerical_mask": "sentinel"}}
+AUTHORS_SETUP = {"model.reconstruction": "sse", "model.ema_decay": None, "model.init": "pytorch",
+                 "conditioning.numerical_mask": "sentinel"}
+LEVELS = ("0.0", "0.5", "0.9", "mean")
+BASELINES = {"train_mean": "train_mean_sse", "conditional_forest": "conditional_forest_sse"}
+BASELINE_ES = {"train_mean": "train_mean_energy_score", "conditional_forest": "conditional_forest_energy_score",
+               "train_sample": "train_sample_energy_score"}
 
 
-def seeded_config(base: Path, seed: int, out_dir: Path, authors: bool) -> Path:
-    cfg = yaml.safe_load(base.read_text())
-    cfg["data"]["split"]["seed"] = seed
-    if authors:
-        for section, values in AUTHORS_SETUP.items():
-            cfg[section].update(values)
-    path = out_dir / f"{base.stem}{'_authors' if authors else ''}_split{seed}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{result.stderr[-3000:]}")
-    return result, seconds
-
-
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cfg_name", default="mcvae_biked")
-    p.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--configs", nargs="+", default=["mcvae_biked_paper", "mcvae_biked"],
+                   help="config names (configs/NAME.yaml) or paths")
+    p.add_argument("--split_seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                   help="project split seeds (training seed: the config's)")
+    p.add_argument("--train_seeds", type=int, nargs="*", default=[42, 43, 44],
+                   help="training seeds on the authors' split")
     p.add_argument("--epochs", type=int, help="override trainer.max_epochs (default: the config's)")
     p.add_argument("--authors_setup", action="store_true",
-                   help="reconstruction: sse (summed over the batch), sentinel -1, no EMA, PyTorch init")
+                   help="the authors' loss reduction (sse), sentinel −1, PyTorch init and no EMA in every config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotted config override for every run (e.g. evaluation.samples_per_design=8)")
+    p.add_argument("--csv_path", help="the data file (default: the configs')")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time after the timed first one (each 1 thread)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
+    return p.parse_args(argv)
+
+
+def _overrides(args) -> dict:
+    fixed = dict(AUTHORS_SETUP) if args.authors_setup else {}
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        fixed[key] = yaml.safe_load(value)
+    if args.epochs:
+        fixed["trainer.max_epochs"] = args.epochs
+    if args.csv_path:
+        fixed["data.csv_path"] = str(Path(args.csv_path).resolve())
+    return fixed
+
+
+def plan(args) -> list[dict]:
+    """One entry per run: config, split case ('authors' or 'split N'), overrides."""
+    runs = []
+    for config in args.configs:
+        for seed in args.train_seeds:
+            runs.append({"config": config, "case": "authors", "seed": seed,
+                         "overrides": {"data.split": {"protocol": "authors", "seed": 0}, "trainer.seed": seed}})
+        for seed in args.split_seeds:
+            runs.append({"config": config, "case": "project", "seed": seed,
+                         "overrides": {"data.split.seed": seed}})
+    return runs
+
+
+def execute(run: dict, fixed: dict, out: Path) -> dict:
+    """Train and evaluate one run; returns the run with its timings and run directory."""
+    from experiments.sweep import make_config
+
+    name = f"{Path(run['config']).stem}_{run['case']}{run['seed']}"
+    config = make_config(run["config"], {**fixed, **run["overrides"]}, out / "configs" / f"{name}.yaml")
+    cmd = [sys.executable, "train_mcvae.py", "--config", str(config), "--logdir", str(out / "logs"), "--name", name]
+    started = time.perf_counter()
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    fit = re.search(r"trained (\d+) epochs in ([0-9.]+) s", result.stdout)
+    evaluated = re.search(r"evaluated in ([0-9.]+) s", result.stdout)
+    run_dir = Path(re.findall(r"run directory: (.+)", result.stdout)[-1].strip())
+    return {**run, "name": name, "run_dir": str(run_dir), "wall_seconds": round(wall, 2),
+            "epochs": int(fit.group(1)), "fit_seconds": float(fit.group(2)),
+            "eval_seconds": float(evaluated.group(1)) if evaluated else None}
+
+
+def read_run(run: dict) -> dict:
+    """The figures of one run's evaluation tables."""
+    ev = Path(run["run_dir"]) / "eval"
+    errors = pd.read_csv(ev / "mse_per_sparsity.csv", dtype={"sparsity": str})
+    errors["sparsity"] = [s if s == "mean" else f"{float(s):.1f}" for s in errors["sparsity"]]
+    errors = errors.set_index("sparsity")
+    row = {f"{column}@{level}": float(errors.loc[level, column]) for column in errors.columns for level in LEVELS
+           if level in errors.index}
+    diversity = pd.read_csv(ev / "diversity.csv")
+    row["diversity_ratio"] = float(diversity["generated/real"].iloc[0])
+    validity = pd.read_csv(ev / "validity.csv").set_index("designs")
+    generated0 = validity.index[1]  # the samples at the first evaluation sparsity
+    row["in_training_range"] = float(validity.loc[generated0, "in_training_range"])
+    if "all_checks" in validity:
+        row["valid"] = float(validity.loc[generated0, "all_checks"])
+        row["valid_real"] = float(validity.iloc[0]["all_checks"])
+    row["nearest_train_ratio"] = float(validity.loc[generated0, "nearest_train_mean"]
+                                       / validity.iloc[0]["nearest_train_mean"])
+    adherence_path = ev / "adherence.csv"
+    if adherence_path.is_file():
+        adherence = pd.read_csv(adherence_path)
+        first = [c for c in adherence.columns if re.fullmatch(r"[0-9.]+", c)][0]
+        for _, r in adherence.iterrows():
+            row[f"adherence:{r['condition']}"] = float(r[first])
+            row[f"real:{r['condition']}"] = float(r["real"])
+            row[f"majority:{r['condition']}"] = float(r["majority"])
+            row[f"informative:{r['condition']}"] = bool(r["informative"])
+    return row
+
+
+def mean_sd(values) -> str:
+    values = np.asarray(list(values), dtype=float)
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+def paper_table(frame: pd.DataFrame, case: str) -> pd.DataFrame:
+    """Single-z SSE at the paper's levels, mean ± sd over the runs of `case`, per config, then the baselines."""
+    part = frame[frame["case"] == case]
+    rows = [{"": "paper (one run, the authors' split)", **{level: f"{PAPER[level]:.4f}" for level in LEVELS}}]
+    for config, runs in part.groupby("config", sort=False):
+        rows.append({"": config, **{level: mean_sd(runs[f"sse_paper@{level}"]) for level in LEVELS}})
+    for baseline, column in BASELINES.items():
+        if f"{column}@mean" in part:
+            rows.append({"": f"baseline: {baseline}", **{level: mean_sd(part.drop_duplicates("seed")[f"{column}@{level}"])
+                                                         for level in LEVELS}})
+    return pd.DataFrame(rows).set_index("")
+
+
+def quality_table(frame: pd.DataFrame, case: str) -> pd.DataFrame:
+    """Per config: energy score (mean over levels and at s = 0), diversity ratio, adherence at s = 0 minus the
+    real designs' (informative conditions), validity; then the baselines' energy scores."""
+    part = frame[frame["case"] == case]
+    informative = [c.split(":", 1)[1] for c in part.columns if c.startswith("informative:")
+                   and part[c].mean() >= 0.5]  # informative on most splits
+    rows = []
+    for config, runs in part.groupby("config", sort=False):
+        row = {"": config, "ES mean": mean_sd(runs["energy_score@mean"]), "ES s=0": mean_sd(runs["energy_score@0.0"]),
+               "ES s=0.9": mean_sd(runs["energy_score@0.9"]), "diversity": mean_sd(runs["diversity_ratio"])}
+        for condition in informative:
+            row[f"adh−real {condition[:12]}"] = mean_sd(runs[f"adherence:{condition}"] - runs[f"real:{condition}"])
+        if "valid" in runs:
+            row["valid"] = mean_sd(runs["valid"])
+        row["in range"] = mean_sd(runs["in_training_range"])
+        row["nearest/real"] = mean_sd(runs["nearest_train_ratio"])
+        rows.append(row)
+    unique = part.drop_duplicates("seed")
+    for baseline, column in BASELINE_ES.items():
+        if f"{column}@mean" in part:
+            rows.append({"": f"baseline: {baseline}", "ES mean": mean_sd(unique[f"{column}@mean"]),
+                         "ES s=0": mean_sd(unique[f"{column}@0.0"]), "ES s=0.9": mean_sd(unique[f"{column}@0.9"]),
+                         "diversity": "—"})
+    return pd.DataFrame(rows).set_index("").fillna("—")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A pipe table (pandas' own needs the tabulate package)."""
+    header = [table.index.name or "", *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(index), *map(str, row)]) + " |" for index, row in zip(table.index, table.values)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = _overrides(args)
+    runs = plan(args)
+    if not runs:
+        raise SystemExit("nothing to run: give --split_seeds and/or --train_seeds")
+    print(f"{len(runs)} runs: {', '.join(args.configs)} × (authors' split, training seeds {args.train_seeds}; "
+          f"split seeds {args.split_seeds})", flush=True)
+    first = execute(runs[0], fixed, out)  # timed alone
+    print(f"  {first['name']}: fit {first['fit_seconds']:.1f} s, whole command {first['wall_seconds']:.1f} s", flush=True)
+    done = [first]
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        for result in pool.map(lambda r: execute(r, fixed, out), runs[1:]):
+            print(f"  {result['name']}: {result['wall_seconds']:.1f} s", flush=True)
+            done.append(result)
+    frame = pd.DataFrame([{**{k: v for k, v in r.items() if k != "overrides"}, **read_run(r)} for r in done])
     tag = "_authors" if args.authors_setup else ""
-    logdir = results / "logs"
-
-    tables, timing = {}, {}
-    for i, seed in enumerate(args.split_seeds):
-        config = seeded_config(ROOT / "configs" / f"{args.cfg_name}.yaml", seed, results, args.authors_setup)
-        cmd = [sys.executable, "train_mcvae.py", "--config", str(config), "--logdir", str(logdir), "--no_eval",
-               "--name", config.stem]
-        if args.epochs:
-            cmd += ["--max_epochs", str(args.epochs)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        train, wall = run(cmd)
-        fit = re.search(r"trained (\d+) epochs in ([0-9.]+) s", train.stdout)
-        run_dir = Path(re.findall(r"run directory: (.+)", train.stdout)[-1].strip())
-        if i == 0:
-            timing = {"epochs": int(fit.group(1)), "train_command_seconds": round(wall, 2),
-                      "fit_seconds": float(fit.group(2))}
-        _, eval_seconds = run([sys.executable, "evaluate.py", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt")])
-        timing.setdefault("eval_seconds", round(eval_seconds, 2))
-        table = pd.read_csv(run_dir / "eval" / "mse_per_sparsity.csv").set_index("sparsity")
-        tables[seed] = table["sse_paper"]
-        diversity = pd.read_csv(run_dir / "eval" / "diversity.csv")
-        print(f"  split seed {seed}: mean SSE {table.loc['mean', 'sse_paper']:.4f} (prior protocol "
-              f"{table.loc['mean', 'sse_prior']:.4f}), diversity generated/real "
-              f"{diversity['generated/real'].iloc[0]:.3f}, run {run_dir}", flush=True)
-
-    per_seed = pd.DataFrame(tables)
-    per_seed.columns = [f"split {s}" for s in per_seed.columns]
-    summary = per_seed.copy()
-    summary["mean over splits"] = per_seed.mean(axis=1)
-    summary["sd"] = per_seed.std(axis=1, ddof=1) if per_seed.shape[1] > 1 else float("nan")
-    summary["paper"] = [PAPER.get(level) for level in summary.index]
-
-    epochs = timing["epochs"]
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; config {args.cfg_name}"
-          f"{' with the authors setup' if args.authors_setup else ''}")
-    print(f"training, {epochs} epochs: {timing['train_command_seconds']:.1f} s for the whole command (start-up "
-          f"included), {timing['fit_seconds']:.1f} s in fit = {timing['fit_seconds'] / epochs * 1000:.1f} ms/epoch "
-          f"(the authors' loop: {AUTHORS_SECONDS_PER_EPOCH * 1000:.0f} ms/epoch ≈ {AUTHORS_SECONDS_PER_EPOCH * epochs:.0f} s)")
-    print(f"evaluation (evaluate.py, whole command): {timing['eval_seconds']:.1f} s")
-    print("\nper-design SSE on the min-max scale of the data file, paper protocol (one shared z, seed 42):")
-    print(summary.to_string(float_format="{:.4f}".format, na_rep="—"))
-    print(f"(the authors' public code retrained here: mean {AUTHORS_CODE_MEAN})")
-
-    out = results / f"bench_mcvae{tag}.json"
-    out.write_text(json.dumps({"config": args.cfg_name, "authors_setup": args.authors_setup, **timing,
-                               "sse_paper_protocol": summary.reset_index().to_dict(orient="records")},
-                              indent=2, default=float))
-    print(f"\nwritten to {out}")
+    sections = [f"machine: {platform.machine()}, {os.cpu_count()} cores; epochs {first['epochs']}"
+                + (" with the authors' setup" if args.authors_setup else ""),
+                f"timing ({first['config']}, alone): fit {first['fit_seconds']:.1f} s, whole training command with "
+                f"evaluation {first['wall_seconds']:.1f} s, evaluation {first['eval_seconds']} s"]
+    tables = {}
+    for case, title in (("authors", "authors' split (85/15, random_state 43), mean ± sd over training seeds"),
+                        ("project", "project splits (80/10/10), mean ± sd over split seeds")):
+        if (frame["case"] == case).any():
+            tables[f"paper_{case}"] = (f"Single-z SSE (the paper's protocol), {title}:", paper_table(frame, case))
+            tables[f"quality_{case}"] = (f"Generative quality, {title} (ES: energy score, lower is better; "
+                                         "adh−real: adherence at s = 0 minus the real designs'):",
+                                         quality_table(frame, case))
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print("\n" + "\n".join(sections))
+        for heading, table in tables.values():
+            print(f"\n{heading}\n{table.to_string()}")
+    markdown = ["\n".join(sections)] + [f"{heading}\n\n{to_markdown(table)}" for heading, table in tables.values()]
+    (out / f"bench_mcvae{tag}.md").write_text("\n\n".join(markdown) + "\n")
+    frame.to_csv(out / f"bench_mcvae{tag}_runs.csv", index=False)
+    (out / f"bench_mcvae{tag}.json").write_text(json.dumps(
+        {"configs": args.configs, "authors_setup": args.authors_setup, "timing": {k: first[k] for k in (
+            "fit_seconds", "wall_seconds", "eval_seconds", "epochs")},
+         "tables": {name: table.reset_index().to_dict(orient="records") for name, (_, table) in tables.items()}},
+        indent=2, default=float))
+    print(f"\nwritten to {out}/bench_mcvae{tag}.{{md,json}} and bench_mcvae{tag}_runs.csv")
     return 0
 
 
