@@ -73,6 +73,7 @@ def evaluate_at(ckpt: Path, temperatures: list[float], out: Path) -> list[dict]:
         row = {"temperature": tau, "diversity_ratio": float(tables["diversity"]["generated/real"].iloc[0]),
                "energy_score": float(errors.loc["mean", "energy_score"]),
                "sse_single_z": float(errors.loc["mean", "sse_paper"]),
+               "sse_z_per_design": float(errors.loc["mean", "sse_prior"]),
                "sse_mean_of_k": float(errors.loc["mean", "sse_mean_of_k"]),
                "adherence_minus_real": float((informative[first] - informative["real"]).mean())}
         for _, r in informative.iterrows():
@@ -99,11 +100,14 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
             (axes[0], "energy_score", "energy score (mean over levels)",
              {"conditional_forest_energy_score": "forest", "train_mean_energy_score": "train mean",
               "train_sample_energy_score": "random training designs"}),
-            (axes[1], "sse_single_z", "single-z SSE (the paper's protocol)",
+            (axes[1], "sse_single_z", "SSE: one z for all designs (the paper's protocol, ●) and a z per design (■)",
              {"conditional_forest_sse": "forest", "train_mean_sse": "train mean"}),
             (axes[2], "adherence_minus_real", "adherence at s = 0 − real (informative conditions)", {})):
         ax.errorbar(mean["diversity_ratio"], mean[column], xerr=sd["diversity_ratio"], yerr=sd[column], fmt="o-",
-                    capsize=3, label="model")
+                    capsize=3, label="model" if column != "sse_single_z" else "model, one z for all")
+        if column == "sse_single_z":
+            ax.errorbar(mean["diversity_ratio"], mean["sse_z_per_design"], yerr=sd["sse_z_per_design"], fmt="s--",
+                        capsize=3, label="model, a z per design")
         for tau, x, y in zip(mean.index, mean["diversity_ratio"], mean[column]):
             ax.annotate(f"τ={tau:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for i, (baseline, name) in enumerate(baselines.items()):
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
     table.to_csv(out / f"{stem}.csv", index=False)
     plot(table, out / f"{stem}.png")
     summary = table.groupby("temperature").agg(["mean", "std"]).drop(columns="split_seed")
-    columns = ["diversity_ratio", "energy_score", "sse_single_z", "sse_mean_of_k", "adherence_minus_real", "valid"]
+    columns = ["diversity_ratio", "energy_score", "sse_single_z", "sse_z_per_design", "sse_mean_of_k",
+               "adherence_minus_real", "valid"]
     lines = ["| τ | " + " | ".join(c for c in columns if c in table) + " |", "|---" * (1 + len(columns)) + "|"]
     for tau, r in summary.iterrows():
         cells = [f"{r[(c, 'mean')]:.4f} ± {r[(c, 'std')]:.4f}" if len(args.split_seeds) > 1 else f"{r[(c, 'mean')]:.4f}"

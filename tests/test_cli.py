@@ -147,6 +147,14 @@ def test_sample_with_partial_conditions(trained_run, tmp_path, capsys):
                  "--out", str(again), "--seed", "3"])
     pd.testing.assert_frame_equal(designs, pd.read_csv(again))  # seeded
     assert sample.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--n", "3", "--out", str(tmp_path / "u.csv")]) == 0
+    # --temperature 0: the prior mean, one design for one set of conditions
+    assert sample.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--condition", "BikeStyle=ROAD", "--n", "4",
+                        "--out", str(tmp_path / "t0.csv"), "--temperature", "0"]) == 0
+    cold = pd.read_csv(tmp_path / "t0.csv").drop(columns="BikeStyle")
+    assert (cold.std() < 1e-6 * (cold.abs().max() + 1)).all()
+    assert sample.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--n", "2", "--out", str(tmp_path / "t.csv"),
+                        "--temperature", "-1"]) == 2
+    assert "--temperature must be ≥ 0" in capsys.readouterr().err
 
 
 def test_sample_api_dataframe(trained_run):

@@ -46,7 +46,13 @@ def test_run_directory(conv_run):
     assert len(list((tmp / "data" / ".cache").glob("sketches_*_32/*.png"))) == 48
     table = pd.read_csv(run / "eval/mse_per_sparsity.csv")
     assert len(table) == 11 and (table["mse_paper"] > 0).all()
+    assert table["train_mean_mse"].nunique() == 1 and table["train_mean_mse"].iloc[0] > 0  # the mean image
+    adherence = pd.read_csv(run / "eval/adherence.csv")
+    assert {"majority", "real", "informative", "n"} <= set(adherence.columns)
+    teeth = adherence.set_index("condition").loc["Teeth on chainring"]
+    assert teeth["majority"] <= 0.0  # the R² of the training mean on other data
     summary = json.loads((run / "eval/summary.json").read_text())
+    assert summary["train_mean_mse"] == pytest.approx(table["train_mean_mse"].iloc[0])
     assert summary["n_images"] == (pd.read_csv(run / "split.csv")["split"] == "test").sum()
     grid = Image.open(run / "eval/samples.png")
     assert grid.size[1] == 4 * 32 + 3 * 2  # real + three sparsity levels
