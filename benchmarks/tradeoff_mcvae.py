@@ -88,9 +88,8 @@ def evaluate_at(ckpt: Path, temperatures: list[float], out: Path) -> list[dict]:
 
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
+    from modules.plotting import save_figure  # first: it sets the Agg backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mean = table.groupby("temperature").mean(numeric_only=True)
@@ -120,16 +119,17 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import logging
+
+    import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO)
     import torch
 
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # no model summary per split
     torch.set_num_threads(1)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,14 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 BASELINE_STYLE = {"train_mean": ("mean training design", "C7", (0, (4, 2))),
                   "conditional_forest": ("forest on the masked conditions", "C3", (0, (1, 1.5))),
                   "train_sample": ("random training designs", "C5", (0, (3, 1, 1, 1)))}
@@ -102,10 +110,7 @@ def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
         ax.set_title("energy score (proper: lowest for the true distribution)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
@@ -129,10 +134,7 @@ def plot_adherence(table: pd.DataFrame, path: Path) -> Path:
         ax.set_title("dotted: real designs; sparse dots: majority class / training mean", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- designs

@@ -51,3 +51,12 @@ def test_tradeoff_curve(tmp_path, biked_frame, monkeypatch):
     assert table.loc[0, "diversity_ratio"] < 1e-6 < table.loc[1, "diversity_ratio"]  # τ = 0: one design
     assert table["conditional_forest_energy_score"].nunique() == 1  # the baselines do not depend on τ
     assert (tmp_path / "out" / "tradeoff_mcvae_biked.png").stat().st_size > 10_000
+
+
+def test_speed_benchmark_reports_the_ratio(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    speed = load("bench_mcvae_speed")
+    assert speed.main(["--epochs", "2", "--repeats", "1", "--logdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "mcvae_biked_paper: median fit" in printed and "1.00× mcvae_biked_paper" in printed
+    assert "mcvae_biked: median fit" in printed
