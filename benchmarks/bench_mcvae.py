@@ -2,7 +2,7 @@
 split and on the project's split seeds.
 
     python benchmarks/bench_mcvae.py                      # both configs, the authors' split × training seeds
-                                                          # 42-44 and split seeds 0-4 (16 runs, ≈ 8 min on 2 cores)
+                                                          # 42-44 and split seeds 0-4 (16 runs, ≈ 10 min on 2 cores)
     python benchmarks/bench_mcvae.py --configs mcvae_biked_paper --authors_setup   # the authors' loss, init, no EMA
     python benchmarks/bench_mcvae.py --epochs 5 --split_seeds 0 --train_seeds 42   # smoke test
 

@@ -2,7 +2,7 @@
 temperatures τ (z = μ_p(c) + τ·σ_p(c)·ε; τ = 0 is the prior's mean, a point predictor). Energy score, single-z SSE
 and adherence against the diversity ratio, beside the baselines.
 
-    python benchmarks/tradeoff_mcvae.py                        # configs/mcvae_biked.yaml, split seeds 0-4 (≈ 6 min)
+    python benchmarks/tradeoff_mcvae.py                        # configs/mcvae_biked.yaml, split seeds 0-4 (≈ 8 min)
     python benchmarks/tradeoff_mcvae.py --split_seeds 0 --temperatures 0 0.5 1
 
 Writes benchmarks/results/tradeoff_<config>.{csv,png,md}.
