@@ -86,17 +86,23 @@ def check_unique_ids(frame: pd.DataFrame, column: str, path) -> None:
 
 
 def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.ndarray:
-    """Seeded train/val/test assignment (array of 'train'|'val'|'test') with every category in the training split.
+    """The train/val/test assignment (array of 'train'|'val'|'test'|'unused') of `split.protocol`."""
+    return split_with_state(frame, cfg, split)[0]
 
-    Deterministic in one pass: for each category, the first row of the seeded permutation that carries it is
-    put into the training split (instead of retrying seeds until coverage happens).
+
+def split_with_state(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> tuple[np.ndarray, Optional[int]]:
+    """The assignment, and the random_state the authors' protocol settled on (None for the project's protocol).
+
+    The project's protocol is a seeded split with every category in the training split, deterministic in one pass:
+    for each category, the first row of the seeded permutation that carries it is put into the training split
+    (instead of retrying seeds until coverage happens).
     """
     total = split.train + split.val + split.test
     if abs(total - 1.0) > 1e-6 or min(split.train, split.val, split.test) < 0:
         raise UserError(f"data.split fractions must be ≥ 0 and sum to 1, got train={split.train}, val={split.val}, "
                         f"test={split.test}.")
     if split.protocol == "authors":
-        return authors_split(frame, cfg, split)[0]
+        return authors_split(frame, cfg, split)
     n = len(frame)
     order = np.random.default_rng(split.seed).permutation(n)
     n_train = int(round(split.train * n))
@@ -127,7 +133,7 @@ def split_rows(frame: pd.DataFrame, cfg: DataConfig, split: SplitConfig) -> np.n
     if split.train_fraction < 1.0:  # drop the end of the seeded order; the category anchors come first
         keep = max(len(anchors), int(round(split.train_fraction * len(train))))
         assignment[train[keep:]] = "unused"
-    return assignment
+    return assignment, None
 
 
 AUTHORS_RANDOM_STATE = 42  # the authors' SEED; their split retries with SEED + i
@@ -322,11 +328,10 @@ class ConditionedDataModule(pl.LightningDataModule):
     def _split_and_fit(self, frame: pd.DataFrame, cfg, source: str, schema: Optional[ConditionSchema]) -> pd.DataFrame:
         """Seeded split of `frame` (every category in training) and the schema fitted on the training rows."""
         self.frame = frame
-        self.assignment = split_rows(frame, cfg, cfg.split)
+        self.assignment, random_state = split_with_state(frame, cfg, cfg.split)
         sizes = {name: int((self.assignment == name).sum()) for name in SPLITS}
         self.split_summary = (f"data split ({cfg.split.protocol} protocol, seed {cfg.split.seed}"
-                              + (f", random_state {authors_split(frame, cfg, cfg.split)[1]}"
-                                 if cfg.split.protocol == "authors" else "")
+                              + (f", random_state {random_state}" if random_state is not None else "")
                               + "): " + " / ".join(f"{sizes[k]} {k}" for k in SPLITS))
         if sizes["train"] == 0 or (cfg.split.test > 0 and sizes["test"] == 0):
             raise UserError(f"{source}: {len(frame)} designs split {cfg.split.train}/{cfg.split.val}/"

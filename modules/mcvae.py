@@ -33,8 +33,8 @@ class MCVAEModelConfig:
     ema_decay: Optional[float] = 0.999
     kl_weight: float = 0.7  # loss = (1 - w)·reconstruction + w·KL; with `gaussian_nll`, w = 0.5 is the ELBO
     # sse: Σ squared error over features and batch; sse_per_design: Σ over features, mean over the batch;
-    # mse: mean over both; gaussian_nll: −log N(x; x̂, σ²) per design with a learned σ per feature (a calibrated
-    # decoder), averaged over the batch. The KL term is always the batch mean of the per-design KL.
+    # mse: mean over both; gaussian_nll: −log N(x; x̂, σ²) per design (a Gaussian decoder, σ: decoder_sigma),
+    # averaged over the batch. The KL term is always the batch mean of the per-design KL.
     reconstruction: Literal["sse", "sse_per_design", "mse", "gaussian_nll"] = "sse_per_design"
     # the prior of z: standard N(0, I) (the paper), or conditional p(z | c) = N(μ(c), σ²(c)) from the masked
     # condition embedding, so that sampled latents agree with the conditions asked for
@@ -176,9 +176,10 @@ class MCVAE(MaskedConditionalVAE):
         # the decoder's log σ per design feature (gaussian_nll): fixed, or learned from σ = 0.1 of the range
         if m.reconstruction == "gaussian_nll" and m.decoder_sigma is None:
             self.log_sigma = nn.Parameter(torch.full((design_dim,), math.log(0.1)))
-        else:
-            sigma = m.decoder_sigma if m.reconstruction == "gaussian_nll" else 1.0  # unused by the other losses
-            self.register_buffer("log_sigma", torch.full((design_dim,), math.log(sigma)), persistent=False)
+        else:  # fixed σ (from the config, not saved), or none for the squared-error losses
+            fixed = m.reconstruction == "gaussian_nll"
+            self.register_buffer("log_sigma", torch.full((design_dim,), math.log(m.decoder_sigma)) if fixed else None,
+                                 persistent=False)
         if m.init == "lecun":
             for module in (self.encoder, self.to_posterior, self.decoder, self.prior_net):
                 if module is not None:
@@ -225,7 +226,7 @@ class MCVAE(MaskedConditionalVAE):
         """(1 - w)·rec + w·KL with KL = batch mean of the per-design KL(q(z | x) ‖ p(z | c)) (summed over latent
         dims) and rec the squared error summed over batch and features ('sse'), summed over features and averaged
         over the batch ('sse_per_design'), averaged over both ('mse'), or the Gaussian negative log-likelihood
-        with the learned σ per feature averaged over the batch ('gaussian_nll'; w = ½: ½·(−ELBO), Kingma &
+        with σ per feature (fixed or learned) averaged over the batch ('gaussian_nll'; w = ½: ½·(−ELBO), Kingma &
         Welling 2014, Eq. 10)."""
         w = self.cfg.model.kl_weight
         mode = self.cfg.model.reconstruction

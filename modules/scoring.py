@@ -37,7 +37,11 @@ def energy_score(samples: torch.Tensor, target: torch.Tensor, weights: Optional[
     The spread term averages over the k(k − 1) ordered pairs of distinct samples (the "fair" estimator, unbiased
     for the model's own ES); with k = 1 it is 0, the score of a point prediction.
     """
-    x, y = _flat(samples, target, weights)
+    return _energy(*_flat(samples, target, weights))
+
+
+def _energy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`energy_score` of flattened, weighted samples x (N, k, D) and targets y (N, D)."""
     k = x.shape[1]
     accuracy = (x - y[:, None]).norm(dim=2).mean(dim=1)
     if k < 2:
@@ -66,7 +70,7 @@ def sample_errors(samples: torch.Tensor, target: torch.Tensor, weights: Optional
     scale = 1.0 / x.shape[2] if per_feature else 1.0
     sse = (x - y[:, None]).pow(2).sum(dim=2)
     return {
-        "energy_score": energy_score(samples, target, weights),
+        "energy_score": _energy(x, y),
         "sse_mean_of_k": (x.mean(dim=1) - y).pow(2).sum(dim=1) * scale,
         "sse_best_of_k": sse.min(dim=1).values * scale,
     }
