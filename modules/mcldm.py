@@ -6,6 +6,7 @@ against the all-masked conditions, then the first-stage decoder.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -18,7 +19,7 @@ from modules.config import (ConditioningConfig, EvaluationConfig, LRSchedulerCon
                             TrainerConfig, WandbConfig)
 from modules.diffusion_components.diffusion import DiffusionConfig, GaussianDiffusion, epsilon_loss, guided
 from modules.diffusion_components.first_stage import FirstStage, FirstStageConfig
-from modules.diffusion_components.unet import McUNet, UNetConfig
+from modules.diffusion_components.unet import LAYOUTS, UNetConfig, build_unet, downsampling_factor
 from modules.image_data import ImageDataConfig
 from modules.image_evaluation import SampleGridConfig
 
@@ -60,8 +61,9 @@ def check_mcldm_config(cfg: MCLDMRunConfig, source: str) -> None:
     from modules.training import require
 
     u, d = cfg.unet, cfg.diffusion
+    require(u.layout in LAYOUTS, source, "unet.layout", f"one of {', '.join(LAYOUTS)}", u.layout)
     for key in ("start_channels", "blocks_per_level", "attention_heads", "attention_head_dim", "condition_channels",
-                "time_embedding_dim", "positional_dim"):
+                "time_embedding_dim", "positional_dim", "norm_groups"):
         require(getattr(u, key) >= 1, source, f"unet.{key}", "≥ 1", getattr(u, key))
     require(len(u.channel_mult) >= 1 and all(m >= 1 for m in u.channel_mult), source, "unet.channel_mult",
             "a non-empty list of integers ≥ 1", u.channel_mult)
@@ -88,16 +90,24 @@ def check_mcldm_config(cfg: MCLDMRunConfig, source: str) -> None:
 
 
 def check_latent_fits_unet(latent_shape: tuple[int, int, int], cfg: MCLDMRunConfig, source: str) -> None:
-    """The UNet halves the latent levels − 1 times: its sides must divide by 2^(levels − 1)."""
+    """The UNet halves the latent's sides (levels times in the paper layout): they must divide by that factor."""
     from modules.errors import UserError
 
-    factor = 2 ** (len(cfg.unet.channel_mult) - 1)
+    factor = downsampling_factor(cfg.unet)
     _, h, w = latent_shape
     if h % factor or w % factor:
-        raise UserError(f"{source}: data.image_size = {cfg.data.image_size} gives {h}×{w} latents, which the UNet's "
-                        f"{len(cfg.unet.channel_mult)} levels cannot halve {len(cfg.unet.channel_mult) - 1} times: "
-                        f"the latent sides must be multiples of {factor}. Change data.image_size or "
-                        "unet.channel_mult.")
+        raise UserError(f"{source}: data.image_size = {cfg.data.image_size} gives {h}×{w} latents, which the UNet "
+                        f"({cfg.unet.layout} layout, {len(cfg.unet.channel_mult)} levels) halves "
+                        f"{int(math.log2(factor))} times: the latent sides must be multiples of {factor}. Change "
+                        "data.image_size or unet.channel_mult.")
+
+
+def upgrade_checkpoint_config(config: dict) -> dict:
+    """Checkpoints written before `unet.layout` existed hold the per-block-attention UNet with ≤ 8 GroupNorm groups."""
+    unet = config.get("unet")
+    if isinstance(unet, dict) and "layout" not in unet:
+        config = {**config, "unet": {**unet, "layout": "per_block_attention", "norm_groups": 8}}
+    return config
 
 
 @dataclass
@@ -117,10 +127,11 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
 
     def __init__(self, *, config: dict, schema: dict, latent_shape: tuple[int, int, int],
                  first_stage_fingerprint: Optional[str] = None, split_digest: Optional[str] = None):
+        config = upgrade_checkpoint_config(config)
         super().__init__(config=config, schema=schema)
         self.save_hyperparameters()
         self.latent_shape = tuple(int(v) for v in latent_shape)
-        self.unet = McUNet(self.cfg.unet, in_channels=self.latent_shape[0], condition_dim=self.embedding.out_dim)
+        self.unet = build_unet(self.cfg.unet, in_channels=self.latent_shape[0], condition_dim=self.embedding.out_dim)
         if self.cfg.speed.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
