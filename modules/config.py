@@ -123,6 +123,9 @@ class TrainerConfig:
     precision: str = "32-true"
     num_nodes: int = 1
     strategy: str = "auto"  # ddp for several devices or nodes (Lightning strategy name)
+    # deterministic kernels: a resumed run is bit-equal to an uninterrupted one. false lets cuDNN pick the fastest
+    # (non-deterministic) kernels and TF32 matmuls on CUDA: same data, masks and noise, last bits may differ
+    deterministic: bool = True
 
 
 @dataclass

@@ -6,6 +6,7 @@ against the all-masked conditions, then the first-stage decoder.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -34,6 +35,13 @@ class SpeedConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Numerics of sampling (validation grids, evaluate.py, sample.py); the sampler itself is diffusion.sampler."""
+    precision: Literal["32", "bf16"] = "32"  # bf16 autocast of the UNet (GPUs); the updates and decoding stay fp32
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA while sampling
+
+
+@dataclass
 class MCLDMRunConfig:
     model_type: Literal["mcldm"]
     data: ImageDataConfig
@@ -49,6 +57,7 @@ class MCLDMRunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         max_epochs=200, batch_size=32, accumulate_grad_batches=2, precision="bf16-mixed"))
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sample_grid: SampleGridConfig = field(default_factory=SampleGridConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -117,6 +126,7 @@ class SamplingOptions:
     steps: int = 50
     eta: float = 0.0
     cfg_scale: float = 0.0
+    precision: str = "32"  # "bf16": the UNet under bf16 autocast
 
 
 class MCLDM(ImageSampling, MaskedConditioningModule):
@@ -136,7 +146,7 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
             self.unet.to(memory_format=torch.channels_last)
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
         d = self.cfg.diffusion
-        self.sampling = SamplingOptions(d.sampler, d.sampling_steps, d.eta, d.cfg_scale)
+        self.sampling = SamplingOptions(d.sampler, d.sampling_steps, d.eta, d.cfg_scale, self.cfg.sampling.precision)
         self._first_stage: list[FirstStage] = []  # a list: not a submodule, so never in the checkpoint
         self._compiled: dict[str, nn.Module] = {}  # torch.compile'd UNets (not submodules: not in the checkpoint)
         self.enable_ema(self.cfg.ema_decay)
@@ -204,8 +214,9 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
     @torch.no_grad()
     def generate_latents(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
                          generator: Optional[torch.Generator] = None, *, progress: bool = False) -> torch.Tensor:
-        """Latents sampled from x_T = z (or fresh noise) with the conditions fixed for the whole run and
-        classifier-free guidance against all conditions masked; the EMA weights when the model keeps them."""
+        """Latents sampled from x_T = z (or fresh noise) with the conditions (and their masks) fixed for the whole
+        run and classifier-free guidance against all conditions masked; the EMA weights when the model keeps
+        them."""
         parts = self.ema.shadow if self.ema is not None else self.generative_modules()
         unet, s = self.denoiser(averaged=True), self.sampling
         n = len(conditions)
@@ -213,15 +224,44 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
             z = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
         out = []
         step = self.cfg.speed.generation_batch_size
-        for start in range(0, n, step):
-            chunk = conditions.rows(start, start + step)
-            c = parts["embedding"](chunk)
-            u = parts["embedding"](self.masking.mask_all(len(chunk), device=self.device))
-            predict = guided(unet, c, u, s.cfg_scale)
-            x_T = z[start:start + step].to(self.device)
-            out.append(self.diffusion.sample(predict, tuple(x_T.shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
-                                             generator=generator, noise=x_T, device=self.device, progress=progress))
+        with self._sampling_numerics():
+            for start in range(0, n, step):
+                chunk = conditions.rows(start, start + step)
+                c = parts["embedding"](chunk)
+                u = parts["embedding"](self.masking.mask_all(len(chunk), device=self.device))
+                predict = guided(self._unet_call(unet), c, u, s.cfg_scale)
+                x_T = z[start:start + step].to(self.device)
+                out.append(self.diffusion.sample(predict, tuple(x_T.shape), sampler=s.sampler, steps=s.steps,
+                                                 eta=s.eta, generator=generator, noise=x_T, device=self.device,
+                                                 progress=progress))
         return torch.cat(out)
+
+    def _unet_call(self, unet: nn.Module):
+        """The UNet as sampling calls it: channels_last input when the model is, bf16 autocast with
+        `sampling.precision: bf16`."""
+        channels_last, bf16 = self.cfg.speed.channels_last, self.sampling.precision == "bf16"
+        device_type = self.device.type
+
+        def call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                return unet(x, t, c)
+
+        return call
+
+    @contextlib.contextmanager
+    def _sampling_numerics(self):
+        """TF32 on CUDA while sampling (`sampling.tf32`), the previous settings restored afterwards."""
+        if self.device.type != "cuda" or not self.cfg.sampling.tf32:
+            yield
+            return
+        previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
     @torch.no_grad()
     def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,
@@ -233,12 +273,16 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
 
 
     def set_sampling(self, *, sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
-                     cfg_scale: Optional[float] = None) -> None:
-        """Override the config's sampler, number of steps, DDIM η and guidance scale (None keeps the setting)."""
+                     cfg_scale: Optional[float] = None, precision: Optional[str] = None) -> None:
+        """Override the config's sampler, number of steps, DDIM η, guidance scale and UNet precision (None keeps
+        the setting)."""
+        from modules.diffusion_components.diffusion import SAMPLERS
         from modules.errors import UserError
 
         s, T = self.sampling, self.cfg.diffusion.timesteps
         if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise UserError(f"--sampler {sampler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}.")
             s.sampler = sampler
         if steps is not None:
             if not 1 <= steps <= T:
@@ -254,4 +298,7 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
             if cfg_scale < 0:
                 raise UserError(f"--cfg_scale must be ≥ 0 (0 = no guidance), got {cfg_scale}.")
             s.cfg_scale = cfg_scale
-
+        if precision is not None:
+            if precision not in ("32", "bf16"):
+                raise UserError(f"--sampling_precision must be 32 or bf16, got {precision!r}.")
+            s.precision = precision

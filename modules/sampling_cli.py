@@ -4,8 +4,11 @@
 def add_sampling_arguments(parser) -> None:
     """The diffusion sampling flags of sample.py and evaluate.py."""
     g = parser.add_argument_group("diffusion models (mcLDM)")
-    g.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the config's diffusion.sampler")
+    g.add_argument("--sampler", choices=["ddim", "ddpm", "dpm_solver", "unipc", "euler"],
+                   help="default: the config's diffusion.sampler; dpm_solver (DPM-Solver++) and unipc need 10–20 steps")
     g.add_argument("--steps", type=int, help="denoising steps (default: diffusion.sampling_steps; ddpm: all)")
+    g.add_argument("--sampling_precision", choices=["32", "bf16"],
+                   help="UNet precision while sampling (default: the config's sampling.precision); bf16 on GPUs")
     g.add_argument("--eta", type=float, help="DDIM η: 0 deterministic … 1 DDPM-like")
     g.add_argument("--cfg_scale", type=float, help="classifier-free guidance w: ε = (1+w)·ε_cond − w·ε_uncond")
 
@@ -14,7 +17,8 @@ def apply_sampling_arguments(model, args) -> None:
     """Pass the sampling flags to an mcLDM; refuse them for models that do not diffuse."""
     from modules.errors import UserError
 
-    given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "cfg_scale") if getattr(args, k) is not None}
+    names = ("sampler", "steps", "eta", "cfg_scale", "sampling_precision")
+    given = {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
     if not given:
         return
     from modules.mcldm import MCLDM
@@ -22,6 +26,8 @@ def apply_sampling_arguments(model, args) -> None:
     if not isinstance(model, MCLDM):
         raise UserError(f"--{next(iter(given))} applies to diffusion models (mcLDM) only; this checkpoint holds a "
                         f"'{model.model_type}' model.")
+    if "sampling_precision" in given:
+        given["precision"] = given.pop("sampling_precision")
     model.set_sampling(**given)
 
 

@@ -417,7 +417,8 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
                 num_nodes=t.num_nodes, precision=resolve_precision(t.precision, t.accelerator),
                 logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
                 check_val_every_n_epoch=t.check_val_every_n_epoch, log_every_n_steps=t.log_every_n_steps,
-                deterministic=True, limit_val_batches=None if validate else 0, plugins=[AtomicCheckpointIO()],
+                deterministic=t.deterministic, benchmark=not t.deterministic,
+                limit_val_batches=None if validate else 0, plugins=[AtomicCheckpointIO()],
                 enable_model_summary=True, num_sanity_val_steps=0,
             )
     except Exception as err:  # Lightning's own words on an impossible accelerator/devices choice
@@ -479,6 +480,8 @@ def train_main(argv, spec) -> int:
                             "to train further.")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if not cfg.trainer.deterministic:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm, model = spec.build(cfg, hparams)  # reads and checks the data before anything is written
     if hparams is not None:

@@ -1,10 +1,11 @@
-"""Noise schedules, DDIM/DDPM sampling against diffusers' schedulers, and batched classifier-free guidance."""
+"""Noise schedules; the sampling loop against the papers' updates (DDIM Eq. 12 with η > 0 on a shared noise stream,
+DDPM Alg. 2) and diffusers' own step; the fast samplers on a Gaussian whose exact ε is known; batched guidance."""
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from modules.diffusion_components.diffusion import (DiffusionConfig, GaussianDiffusion, beta_schedule, guided,
-                                                    sampling_timesteps)
+from modules.diffusion_components.diffusion import (SAMPLERS, DiffusionConfig, GaussianDiffusion, beta_schedule,
+                                                    guided, make_scheduler)
 
 
 def toy_model(x, t, c):
@@ -32,31 +33,52 @@ def test_q_sample_matches_closed_form():
     torch.testing.assert_close(d.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
 
 
-def test_sampling_timesteps_start_at_noise_and_end_at_zero():
-    assert sampling_timesteps(1000, 50)[0] == 999 and sampling_timesteps(1000, 50)[-1] == 0
-    assert len(set(sampling_timesteps(1000, 50))) == 50
-    assert sampling_timesteps(10, 10) == list(range(9, -1, -1))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_starts_at_pure_noise_and_uses_the_model_betas(sampler):
+    betas = beta_schedule("sigmoid", 1000)  # not diffusers' default schedule: the betas must be the model's
+    scheduler = make_scheduler(sampler, betas, 20)
+    assert len(scheduler.timesteps) == 20 and float(scheduler.timesteps[0]) == 999
+    assert float(scheduler.timesteps[-1]) == 999 - 19 * 50  # trailing spacing, T/steps apart
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas.double(), 0), atol=1e-6,
+                               rtol=1e-5)
     with pytest.raises(ValueError, match="sampling steps"):
-        sampling_timesteps(10, 11)
+        make_scheduler(sampler, betas, 1001)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun", betas, 10)
 
 
-def test_ddim_equals_diffusers_ddim_scheduler():
-    cfg = DiffusionConfig(timesteps=200, beta_schedule="linear")
-    d = GaussianDiffusion(cfg)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_is_song_et_al_eq_12_and_diffusers_step_on_a_shared_noise_stream(eta):
+    T, steps = 200, 20
+    d = GaussianDiffusion(DiffusionConfig(timesteps=T))
     c = torch.randn(2, 3)
     noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    # diffusers steps from t to t − T/steps, which is the next sampled timestep only for "leading" spacing
-    ref = DDIMScheduler(num_train_timesteps=200, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                        timestep_spacing="leading", set_alpha_to_one=True, clip_sample=False)
-    ref.set_timesteps(20)
+    ours = d.sample(lambda x, t: toy_model(x, t, c), noise.shape, sampler="ddim", steps=steps, eta=eta, noise=noise,
+                    generator=torch.Generator().manual_seed(5))
+    # Song et al. 2021, Eq. 12, written out; the noise of step i is the i-th draw of the same seeded stream
+    a = torch.cumprod(1 - beta_schedule("linear", T).double(), 0)
+    schedule = list(range(T - 1, -1, -T // steps))
+    g, x = torch.Generator().manual_seed(5), noise.double()
+    draws = []
+    for i, t in enumerate(schedule):
+        a_t = a[t]
+        a_prev = a[schedule[i + 1]] if i + 1 < len(schedule) else torch.tensor(1.0, dtype=torch.float64)
+        eps = toy_model(x.float(), torch.full((2,), t), c).double()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        z = torch.randn(x.shape, generator=g) if eta > 0 else torch.zeros(x.shape)
+        draws.append(z)
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z.double()
+    torch.testing.assert_close(ours, x.float(), atol=2e-4, rtol=2e-4)
+    # diffusers' DDIMScheduler.step fed the same draws as variance_noise
+    ref = DDIMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    ref.set_timesteps(steps)
+    assert [int(t) for t in ref.timesteps] == schedule
     x = noise.clone()
-    for t in ref.timesteps:
-        x = ref.step(toy_model(x, t.repeat(2), c), t, x, eta=0.0).prev_sample
-    schedule = [int(t) for t in ref.timesteps]
-    assert schedule[-1] == 0
-    ours = d.sample(lambda x, t: toy_model(x, t, c), noise.shape, sampler="ddim", eta=0.0, noise=noise,
-                    timesteps=schedule)
-    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+    for t, z in zip(ref.timesteps, draws):
+        x = ref.step(toy_model(x, t.repeat(2), c), t, x, eta=eta, variance_noise=z).prev_sample
+    torch.testing.assert_close(ours, x, atol=2e-4, rtol=2e-4)
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_one_is_not():
@@ -87,7 +109,7 @@ def test_ddpm_with_all_steps_is_ho_et_al_algorithm_2():
     # reference: diffusers' DDPMScheduler (posterior variance β̃_t), with the same z draws
     ref = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                         clip_sample=False, variance_type="fixed_small")
-    ref.set_timesteps(T)
+    ref.set_timesteps(T)  # only its ᾱ and timesteps are used: the update below is Alg. 2 written out
     g = torch.Generator().manual_seed(3)
     x = noise.clone()
     for t in ref.timesteps:
@@ -120,3 +142,31 @@ def test_batched_guidance_equals_two_passes():
     calls.clear()
     torch.testing.assert_close(guided(model, c, u, 0.0)(x, t), toy_model(x, t, c))
     assert calls == [4]
+
+
+def gaussian_data_epsilon(mu: float, s0: float, alphas_cumprod: torch.Tensor):
+    """The exact ε̂(x_t, t) = E[ε | x_t] for data x_0 ~ N(mu, s0²): a network that has learned it perfectly."""
+
+    def predict(x, t):
+        a = alphas_cumprod.double().index_select(0, t.round().long()).reshape(-1, *([1] * (x.ndim - 1)))
+        return ((1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * s0 ** 2 + 1 - a)).float()
+
+    return predict
+
+
+def test_fast_samplers_reach_the_data_distribution_in_few_steps():
+    """With the exact ε of Gaussian data every deterministic sampler maps x_T to N(mu, s0²); in 20 steps
+    DPM-Solver++ and UniPC come 5× closer to the 1000-step DDIM solution than DDIM (and Euler, its σ-space twin)."""
+    T, mu, s0 = 1000, 1.5, 1.0
+    d = GaussianDiffusion(DiffusionConfig(timesteps=T))
+    predict = gaussian_data_epsilon(mu, s0, d.alphas_cumprod)
+    noise = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    run = lambda sampler, steps: d.sample(predict, noise.shape, sampler=sampler, steps=steps, eta=0.0, noise=noise)
+    reference = run("ddim", 1000)
+    assert abs(reference.mean() - mu) < 0.05 and abs(reference.std() - s0) < 0.05
+    errors = {name: (run(name, 20) - reference).abs().max().item() for name in ("ddim", "dpm_solver", "unipc", "euler")}
+    assert errors["euler"] == pytest.approx(errors["ddim"], rel=0.01), errors
+    for name in ("dpm_solver", "unipc"):
+        assert errors[name] < errors["ddim"] / 5, errors
+        out = run(name, 20)
+        assert abs(out.mean() - mu) < 0.05 and abs(out.std() - s0) < 0.05, name

@@ -179,3 +179,162 @@ def test_config_errors_name_the_key(tmp_path):
         cfg = build_dataclass(MCLDMRunConfig, read_yaml(path), source=str(path))
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
             check_mcldm_config(cfg, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- wiring of the loop
+# Each test below guards one connection that, broken by hand, left the suite green before (issue 11).
+
+
+def _fit(model: MCLDM, steps: int, n: int = 8):
+    """`steps` optimizer steps of the real Lightning loop (the model's own training_step) on random latents."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 3, (n, 1), generator=g),
+                         torch.rand(n, 1, generator=g))
+    loader = DataLoader(data, batch_size=4, collate_fn=lambda rows: tuple(torch.stack(x) for x in zip(*rows)))
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader)
+
+
+def test_the_training_loop_moves_the_ema_after_every_optimizer_step():
+    model = tiny_model()
+    before = [p.clone() for p in model.ema.shadow.parameters()]
+    _fit(model, steps=3)
+    assert model.global_step == 3 and int(model.ema.updates) == 3
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.ema.shadow.parameters())]
+    assert sum(moved) > len(moved) // 2
+    live = list(model.generative_modules().parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(live, model.ema.shadow.parameters()))  # an average, not a copy
+
+
+class _Spy:
+    """Records the condition embeddings a UNet is called with."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.conditions: list[torch.Tensor] = []
+        self.calls = 0
+        module.register_forward_pre_hook(self._record)
+
+    def _record(self, module, args):
+        self.calls += 1
+        self.conditions.append(args[2].detach().clone())
+
+
+def _sampling_model(cfg_scale: float, steps: int = 4) -> MCLDM:
+    model = tiny_model().eval()
+    with torch.no_grad():  # live and EMA weights differ, and neither predicts ε = 0
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for p in model.ema.shadow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.set_sampling(steps=steps, cfg_scale=cfg_scale)
+    return model
+
+
+def test_sampling_uses_the_ema_weights_not_the_live_ones():
+    model = _sampling_model(cfg_scale=0.0)
+    live, averaged = _Spy(model.unet), _Spy(model.ema.shadow["unet"])
+    conditions, _ = model.conditions_from({"style": "b"}, 3)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model.generate_latents(conditions, z)
+    assert live.calls == 0 and averaged.calls == 4
+    # the same run with the EMA copy swapped for the live weights gives something else
+    model.ema.shadow["unet"].load_state_dict(model.unet.state_dict())
+    model.ema.shadow["embedding"].load_state_dict(model.embedding.state_dict())
+    assert not torch.allclose(out, model.generate_latents(conditions, z), atol=1e-4)
+    torch.testing.assert_close(out, _sampling_model(cfg_scale=0.0).generate_latents(conditions, z))  # seeded
+
+
+def test_guidance_contrasts_with_all_conditions_masked_and_conditions_stay_fixed():
+    model = _sampling_model(cfg_scale=2.0, steps=5)
+    spy = _Spy(model.ema.shadow["unet"])
+    conditions, _ = model.conditions_from(pd.DataFrame({"style": ["b", "c", None], "teeth": [None, 41.0, 35.0]}), 1)
+    model.generate_latents(conditions, generator=torch.Generator().manual_seed(1))
+    assert spy.calls == 5  # one doubled batch per step
+    embed = model.ema.shadow["embedding"]
+    conditional = embed(conditions)
+    unconditional = embed(model.masking.mask_all(3))
+    for c in spy.conditions:  # the same conditions and masks at every denoising step
+        assert c.shape == (6, model.embedding.out_dim)
+        torch.testing.assert_close(c[:3], conditional)
+        torch.testing.assert_close(c[3:], unconditional)
+    assert not torch.allclose(conditional, unconditional)
+    # the masks given are the masks used: the masked teeth of row 0 and style of row 2 stay masked
+    assert conditions.numerical_mask[0, 0] and conditions.categorical[2, 0] == model.masking.mask_tokens[0]
+
+
+def test_training_masks_every_condition_for_drop_all_conditions_of_the_examples():
+    model = tiny_model(drop_all_conditions=0.3)
+    seen = []
+    model.embedding.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    n = 4000
+    batch = (torch.randn(n, 4, 8, 8), torch.zeros(n, 1, dtype=torch.long), torch.full((n, 1), 0.5))
+    model._step(batch, 0.0, torch.Generator().manual_seed(0))  # sparsity 0: only the drop-all masks rows
+    (masked,) = seen
+    tokens = model.masking.mask_tokens
+    all_masked = (masked.categorical == tokens).all(1) & masked.numerical_mask.all(1)
+    assert abs(all_masked.float().mean().item() - 0.3) < 0.03
+    assert not ((masked.categorical == tokens).any(1) & ~all_masked).any()
+
+
+@pytest.mark.parametrize("name", ["mcldm_biked", "mcldm_biked_small", "mcldm_dvm"])
+def test_shipped_configs_learn_the_unconditional_branch(name):
+    from modules.config import build_dataclass, read_yaml
+
+    cfg = build_dataclass(MCLDMRunConfig, read_yaml(f"configs/{name}.yaml"), source=name)
+    assert cfg.diffusion.drop_all_conditions >= 0.05
+
+
+def test_decode_undoes_the_scaling_of_encode():
+    fs = FirstStage.from_config(FirstStageConfig(config=TINY_AUTOENCODER_CONFIG, scaling_factor=0.25))
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    latents = fs.encode(images)
+    raw = fs.autoencoder.encode(images.expand(-1, fs.in_channels, -1, -1)).latent_dist.mode()
+    torch.testing.assert_close(latents, raw * 0.25)
+    decoded = fs.decode(latents, 1)
+    expected = fs.autoencoder.decode(raw).sample.clamp(-1, 1).mean(1, keepdim=True)
+    torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_from_before_the_layout_key_build_the_per_block_unet():
+    from modules.diffusion_components.unet import McUNet, PerBlockAttentionUNet
+    from modules.mcldm import upgrade_checkpoint_config
+
+    model = tiny_model()
+    assert isinstance(model.unet, McUNet)
+    config = to_dict(model.cfg)
+    del config["unet"]["layout"], config["unet"]["norm_groups"]
+    old = MCLDM(config=upgrade_checkpoint_config(config), schema=model.schema.state_dict(), latent_shape=(4, 8, 8))
+    assert isinstance(old.unet, PerBlockAttentionUNet) and old.cfg.unet.norm_groups == 8
+
+
+def test_every_sampler_and_bf16_sampling_run_through_generate():
+    import argparse
+
+    from modules.diffusion_components.diffusion import SAMPLERS
+    from modules.sampling_cli import add_sampling_arguments
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "sampler")
+    assert list(choices) == list(SAMPLERS)  # the CLI offers what the registry has
+    model = _sampling_model(cfg_scale=1.0, steps=6)
+    conditions, _ = model.conditions_from({"style": "a"}, 2)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for name in SAMPLERS:
+        model.set_sampling(sampler=name, steps=6)
+        outputs[name] = model.generate_latents(conditions, z, torch.Generator().manual_seed(1))
+        assert outputs[name].shape == z.shape and torch.isfinite(outputs[name]).all()
+    assert not torch.allclose(outputs["ddim"], outputs["dpm_solver"])
+    model.set_sampling(sampler="ddim", precision="bf16")
+    bf16 = model.generate_latents(conditions, z)
+    assert not torch.equal(bf16, outputs["ddim"])
+    torch.testing.assert_close(bf16, outputs["ddim"], atol=0.1, rtol=0.1)
+    with pytest.raises(UserError, match="--sampler 'heun'"):
+        model.set_sampling(sampler="heun")
+    with pytest.raises(UserError, match="--sampling_precision"):
+        model.set_sampling(precision="16")

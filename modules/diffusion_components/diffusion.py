@@ -1,5 +1,6 @@
-"""Gaussian diffusion in latent space: noise schedules, the ε-prediction loss, DDPM/DDIM sampling with
-classifier-free guidance computed in one batched forward pass."""
+"""Gaussian diffusion in latent space: noise schedules, the ε-prediction loss, and one sampling loop over diffusers'
+schedulers (DDIM, DDPM, DPM-Solver++, UniPC, Euler) built from the model's own β schedule, with classifier-free
+guidance computed in one batched forward pass."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ class DiffusionConfig:
     # probability that a training example sees every condition masked (on top of the sparsity), so the
     # unconditional branch of classifier-free guidance is learned (Ho & Salimans 2022, Sec. 3.2)
     drop_all_conditions: float = 0.1
-    sampler: Literal["ddim", "ddpm"] = "ddim"  # default for validation grids, evaluate.py and sample.py
+    # default for validation grids, evaluate.py and sample.py; see SAMPLERS
+    sampler: Literal["ddim", "ddpm", "dpm_solver", "unipc", "euler"] = "ddim"
     sampling_steps: int = 50
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     cfg_scale: float = 0.0  # w in ε = (1 + w)·ε_cond − w·ε_uncond; 0 = no guidance (one forward pass)
@@ -40,14 +42,35 @@ def beta_schedule(name: str, timesteps: int, beta_start: float = 1e-4, beta_end:
     return scheduler.betas.to(torch.float32)
 
 
-def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps from T−1 down to 0, evenly spaced ("linspace" spacing): sampling starts at pure noise
-    and its last step is t = 0."""
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"the number of sampling steps must lie in [1, {timesteps}], got {steps}")
-    if steps == 1:
-        return [timesteps - 1]
-    return [round(i * (timesteps - 1) / (steps - 1)) for i in reversed(range(steps))]
+# name → (diffusers class, its arguments); every one gets the model's betas and "trailing" spacing: the first step
+# at t = T − 1 (pure noise), then every T/steps (Lin et al. 2024, Sec. 3.3). diffusers' DDIM steps from t to
+# t − T // steps, which is the next sampled timestep with this spacing (with "linspace" it is not)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    # Song et al. 2021, Eq. 12; η from the call
+    "ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=True)),
+    # Ho et al. 2020, Alg. 2 with σ_t² = β̃_t; with fewer steps than T, DDPM on the respaced schedule
+    "ddpm": ("DDPMScheduler", dict(clip_sample=False, variance_type="fixed_small")),
+    # Lu et al. 2022 (DPM-Solver++), second-order multistep, first order at the last step
+    "dpm_solver": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                       lower_order_final=True)),
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),  # Zhao et al. 2023, B(h) = e^h − 1 ("bh2")
+    "euler": ("EulerDiscreteScheduler", dict()),  # Karras et al. 2022, Alg. 1 (no churn: deterministic)
+}
+
+
+def make_scheduler(sampler: str, betas: torch.Tensor, steps: int):
+    """A fresh diffusers scheduler (the multistep ones keep state within a run) for `steps` sampling steps."""
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= len(betas):
+        raise ValueError(f"the number of sampling steps must lie in [1, {len(betas)}], got {steps}")
+    name, kwargs = SAMPLERS[sampler]
+    scheduler = getattr(diffusers, name)(num_train_timesteps=len(betas), trained_betas=betas.double().numpy(),
+                                         timestep_spacing="trailing", prediction_type="epsilon", **kwargs)
+    scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def epsilon_loss(predicted: torch.Tensor, noise: torch.Tensor, kind: str) -> torch.Tensor:
@@ -69,6 +92,7 @@ class GaussianDiffusion(nn.Module):
         self.cfg = cfg
         self.timesteps = cfg.timesteps
         betas = beta_schedule(cfg.beta_schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end).double()
+        self.betas = betas  # a CPU tensor, not a buffer: the samplers are built from it on the host
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
@@ -86,52 +110,42 @@ class GaussianDiffusion(nn.Module):
     def random_timesteps(self, n: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
         return torch.randint(0, self.timesteps, (n,), generator=generator, device=device)
 
-    def _step_coefficients(self, steps: list[int], eta: float) -> torch.Tensor:
-        """Per sampling step (rows): √ᾱ_t, √(1−ᾱ_t), √ᾱ_prev, the ε coefficient √(1−ᾱ_prev−σ²) and σ, with
-        ᾱ_prev = 1 after the last step (Song et al. 2021, Eq. 12)."""
-        a = self.alphas_cumprod.double()
-        t = torch.tensor(steps, device=a.device)
-        a_t = a[t]
-        a_prev = torch.cat([a[t[1:]], torch.ones(1, dtype=a.dtype, device=a.device)])
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        direction = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
-        return torch.stack([a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt(), direction, sigma], dim=1).float()
-
     @torch.no_grad()
     def sample(self, predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...], *,
                sampler: str = "ddim", steps: Optional[int] = None, eta: Optional[float] = None,
                generator: Optional[torch.Generator] = None, device=None, noise: Optional[torch.Tensor] = None,
-               timesteps: Optional[list[int]] = None, progress: bool = False) -> torch.Tensor:
-        """x_0 from x_T ~ N(0, I) by DDIM (Song et al. 2021, Eq. 12) or ancestral DDPM (Ho et al. 2020, Alg. 2).
+               progress: bool = False) -> torch.Tensor:
+        """x_0 from x_T = `noise` (or a fresh N(0, I) draw) with the diffusers scheduler `sampler` (SAMPLERS).
 
-        DDPM is the η = 1 case of the same update: with all T steps it is exactly Alg. 2 with σ_t² = β̃_t; with
-        fewer steps it is DDPM on the respaced schedule. `predict_noise(x_t, t)` returns ε̂ (guided or not);
-        `timesteps` (descending) replaces the evenly spaced schedule.
+        The one sampling loop of the project: per step the model input (scaled where the sampler asks, Euler), ε̂
+        from `predict_noise(x_t, t)` (guided or not: `guided`), then the scheduler's update; stochastic samplers
+        (DDPM, DDIM with η > 0) draw their noise from `generator`. `steps` defaults to the config's, all T for
+        DDPM; `eta` (DDIM only) to the config's.
         """
         device = device or self.alphas_cumprod.device
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
-        if sampler == "ddpm":
-            steps, eta = steps or self.timesteps, 1.0
-        else:
-            steps = steps or self.cfg.sampling_steps
-            eta = self.cfg.eta if eta is None else eta
-        schedule = list(timesteps) if timesteps is not None else sampling_timesteps(self.timesteps, steps)
-        coefficients = self._step_coefficients(schedule, eta).to(device)
+        if steps is None:
+            steps = self.timesteps if sampler == "ddpm" else self.cfg.sampling_steps
+        eta = self.cfg.eta if eta is None else eta
+        scheduler = make_scheduler(sampler, self.betas, steps)
         x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
-        t_batch = torch.tensor(schedule, device=device, dtype=torch.long)[:, None].expand(-1, shape[0])
-        iterator = range(len(schedule))
+        x = x.float() * scheduler.init_noise_sigma
+        import inspect
+
+        accepts = inspect.signature(scheduler.step).parameters
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        if "generator" in accepts:  # the deterministic multistep solvers take none
+            extra["generator"] = generator
+        timesteps = scheduler.timesteps
+        iterator = range(len(timesteps))
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(iterator, desc=f"{sampler} sampling", unit="step", leave=False)
+        t_batch = timesteps.to(device)[:, None].expand(-1, shape[0])  # one transfer, not one per step
         for i in iterator:
-            sqrt_a, sqrt_1ma, sqrt_a_prev, direction, sigma = coefficients[i]
-            eps = predict_noise(x, t_batch[i]).float()
-            x0 = (x - sqrt_1ma * eps) / sqrt_a
-            x = sqrt_a_prev * x0 + direction * eps
-            if eta > 0 and i < len(schedule) - 1:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=device)
+            t = timesteps[i]
+            eps = predict_noise(scheduler.scale_model_input(x, t), t_batch[i]).float()
+            x = scheduler.step(eps, t, x, **extra).prev_sample
         return x
 
 
