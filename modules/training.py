@@ -388,6 +388,14 @@ class RunSetup:
     trainer: pl.Trainer
 
 
+def trainer_settings(t) -> dict:
+    """The Trainer arguments that decide how a step runs (device, precision, determinism): shared by training
+    and benchmarks/bench_mcldm.py, so the benchmark times what a run does."""
+    return dict(accelerator=t.accelerator, devices=1 if t.devices == "auto" else int(t.devices), strategy=t.strategy,
+                num_nodes=t.num_nodes, precision=resolve_precision(t.precision, t.accelerator),
+                deterministic=t.deterministic, benchmark=not t.deterministic)
+
+
 def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Optional[str],
                   validate: bool = True, extra_callbacks: list[Callback] = ()) -> RunSetup:
     """The Lightning trainer of a run; without a validation split there is no validation and no best checkpoint."""
@@ -412,14 +420,10 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
             trainer = pl.Trainer(
-                max_epochs=t.max_epochs, accelerator=t.accelerator, devices=1 if t.devices == "auto" else int(t.devices),
-                strategy=t.strategy,
-                num_nodes=t.num_nodes, precision=resolve_precision(t.precision, t.accelerator),
-                logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
-                check_val_every_n_epoch=t.check_val_every_n_epoch, log_every_n_steps=t.log_every_n_steps,
-                deterministic=t.deterministic, benchmark=not t.deterministic,
-                limit_val_batches=None if validate else 0, plugins=[AtomicCheckpointIO()],
-                enable_model_summary=True, num_sanity_val_steps=0,
+                max_epochs=t.max_epochs, **trainer_settings(t), logger=loggers, callbacks=callbacks,
+                default_root_dir=str(run_dir), check_val_every_n_epoch=t.check_val_every_n_epoch,
+                log_every_n_steps=t.log_every_n_steps, limit_val_batches=None if validate else 0,
+                plugins=[AtomicCheckpointIO()], enable_model_summary=True, num_sanity_val_steps=0,
             )
     except Exception as err:  # Lightning's own words on an impossible accelerator/devices choice
         raise UserError(f"trainer.accelerator = {t.accelerator!r}, trainer.devices = {t.devices!r} cannot be used "

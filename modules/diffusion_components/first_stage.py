@@ -44,6 +44,23 @@ TINY_AUTOENCODER_CONFIG: dict = {
 }
 
 
+# The architecture of Stable Diffusion 2.1's VAE (its vae/config.json): 83.7 M parameters, 8× downsampling. With
+# random weights it costs what the real one costs: benchmarks/bench_mcldm.py times decoding with it.
+SD21_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+}
+
+
 @dataclass
 class FirstStageConfig:
     pretrained: Optional[str] = PAPER_VAE  # hub id or local folder (diffusers format)
