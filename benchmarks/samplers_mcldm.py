@@ -10,6 +10,9 @@ them:
 - adherence: accuracy (R² for numbers) of the condition classifier trained on real training images, on each
   informative condition (the real images clear the majority class) and their mean;
 - diversity: mean pairwise distance of images generated for the same conditions ÷ the real one;
+- distance to the converged solution: pixel MSE to the images DDIM with `--reference_steps` (200) makes from the
+  same x_T — how far a run is from the probability-flow ODE's answer, the error that steps cut (DDPM and DDIM with
+  η > 0 are stochastic and have none);
 - seconds per image (latents + decode) on this machine, and the ratio to the first run (same process).
 Writes samplers.csv and samplers.png to --out (default benchmarks/results/samplers/).
 """
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"sampler:steps, comma-separated (default {DEFAULT_RUNS})")
     p.add_argument("--images", type=int, default=200, help="test images (default 200, as mcldm_biked_small's eval)")
     p.add_argument("--cfg_scale", type=float, help="guidance scale (default: the checkpoint's)")
+    p.add_argument("--reference_steps", type=int, default=200, help="DDIM steps of the converged reference")
     p.add_argument("--out", default="benchmarks/results/samplers")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
@@ -92,6 +96,9 @@ def main(argv=None) -> int:
     conditions = level_masks(model, cat, num, 0.0, mask_draws(cat, num, cfg))
     z = torch.randn((len(images), *model.latent_shape), generator=torch.Generator().manual_seed(cfg.paper_z_seed))
     z = z.to(model.device)
+    model.set_sampling(sampler="ddim", steps=args.reference_steps, eta=0.0)
+    print(f"reference: DDIM-{args.reference_steps}", flush=True)
+    converged = model.generate(conditions, z=z)
     rows = []
     for sampler, steps in runs:
         model.set_sampling(sampler=sampler, steps=steps)
@@ -102,12 +109,14 @@ def main(argv=None) -> int:
         scores = _scores(model.schema, _predict(classifier, generated), cat, num, known_cat, known_num)
         spread = diversity(model, images, cat, num, cfg)
         same = spread.iloc[0]
+        deterministic = sampler not in ("ddpm",) and not (sampler == "ddim" and model.sampling.eta > 0)
         row = {"sampler": sampler, "steps": steps, "mse": float((generated - target).pow(2).mean()),
+               "mse_to_converged": float((generated - converged).pow(2).mean()) if deterministic else float("nan"),
                "adherence_mean": float(np.mean([scores[n] for n in informative])),
                **{f"adherence/{n}": scores[n] for n in informative},
                "diversity_ratio": float(same["generated/real"]), "seconds_per_image": seconds / len(images)}
         rows.append(row)
-        print(f"{sampler}-{steps}: MSE {row['mse']:.4f}, adherence {row['adherence_mean']:.3f}, diversity "
+        print(f"{sampler}-{steps}: MSE {row['mse']:.4f}, to converged {row['mse_to_converged']:.5f}, adherence {row['adherence_mean']:.3f}, diversity "
               f"{row['diversity_ratio']:.2f}, {1000 * row['seconds_per_image']:.1f} ms/image", flush=True)
     table = pd.DataFrame(rows)
     table["time_vs_first"] = table["seconds_per_image"] / table["seconds_per_image"].iloc[0]
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "samplers.csv", index=False, float_format="%.4f")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table[["sampler", "steps", "mse", "adherence_mean", "diversity_ratio", "seconds_per_image",
+        print(table[["sampler", "steps", "mse", "mse_to_converged", "adherence_mean", "diversity_ratio", "seconds_per_image",
                      "time_vs_first"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     plot(table, informative, out / "samplers.png", baseline)
     print(f"written to {out}/samplers.csv and samplers.png (adherence over {', '.join(informative)})")
@@ -139,10 +148,10 @@ def plot(table, informative, path: Path, baseline: dict) -> None:
     import matplotlib.pyplot as plt
 
     runs = table[table["steps"] > 0]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for sampler, group in runs.groupby("sampler", sort=False):
         group = group.sort_values("steps")
-        for ax, key in zip(axes, ("adherence_mean", "mse", "diversity_ratio")):
+        for ax, key in zip(axes, ("adherence_mean", "mse", "diversity_ratio", "mse_to_converged")):
             ax.plot(group["steps"], group[key], marker="o", label=sampler)
     real = table[table["sampler"] == "real images"].iloc[0]
     axes[0].axhline(real["adherence_mean"], color="k", ls="--", lw=1, label="real images")
@@ -150,7 +159,8 @@ def plot(table, informative, path: Path, baseline: dict) -> None:
     axes[1].axhline(baseline["mse"], color="grey", ls=":", lw=1, label="mean training image")
     axes[2].axhline(1.0, color="k", ls="--", lw=1, label="real images")
     titles = (f"adherence (mean over {len(informative)} informative conditions) ↑", "pixel MSE to D(E(x)) ↓",
-              "diversity, same conditions (generated / real)")
+              "diversity, same conditions (generated / real)", "pixel MSE to the converged DDIM images ↓")
+    axes[3].set_yscale("log")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("sampling steps")

@@ -121,3 +121,29 @@ def test_missing_first_stage_weights(tmp_path, capsys, biked_frame, monkeypatch)
     config.write_text(yaml.safe_dump(raw))
     code = train_mcldm.main(["--config", str(config), "--logdir", str(tmp_path / "l")])
     expect_error(capsys, code, "first_stage.pretrained", "local")
+
+
+def test_sampler_study_scores_every_run_against_the_converged_solution(ldm_run, tmp_path):
+    import importlib.util
+
+    run, _, tmp = ldm_run
+    spec = importlib.util.spec_from_file_location("samplers_mcldm", ROOT / "benchmarks" / "samplers_mcldm.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    try:
+        assert study.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--images", "4", "--runs",
+                           "ddim:6,dpm_solver:3,ddpm:3", "--reference_steps", "6", "--out", str(tmp_path / "s"),
+                           "--threads", "1"]) == 0
+    finally:
+        mp.undo()
+    table = pd.read_csv(tmp_path / "s" / "samplers.csv")
+    assert list(table["sampler"]) == ["ddim", "dpm_solver", "ddpm", "real images", "mean training image"]
+    ddim, dpm, ddpm = table.iloc[0], table.iloc[1], table.iloc[2]
+    assert ddim["mse_to_converged"] < 1e-10  # the reference itself, same x_T
+    assert dpm["mse_to_converged"] > 0 and pd.isna(ddpm["mse_to_converged"])  # DDPM is stochastic
+    assert (table["mse"].iloc[:3] > 0).all() and table["time_vs_first"].iloc[0] == 1.0
+    assert (tmp_path / "s" / "samplers.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="sampler:steps"):
+        study.parse_runs("heun:10")
