@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     table = pd.concat([table, pd.DataFrame([reference, baseline])], ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "samplers.csv", index=False, float_format="%.4f")
+    table.to_csv(out / "samplers.csv", index=False, float_format="%.6g")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table[["sampler", "steps", "mse", "mse_to_converged", "adherence_mean", "diversity_ratio", "seconds_per_image",
                      "time_vs_first"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))

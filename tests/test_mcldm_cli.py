@@ -97,7 +97,7 @@ def test_sample_and_evaluate(ldm_run, tmp_path, capsys):
         assert Image.open(out).size == (4 * 32 + 3 * 2, 32)
         again = tmp_path / "again.png"
         assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(again),
-                            "--seed", "1", "--steps", "2", "--cfg_scale", "2"]) == 0
+                            "--seed", "1", "--steps", "2", "--cfg_scale", "2", "--sampler", "ddim"]) == 0
         assert Image.open(out).tobytes() == Image.open(again).tobytes()  # DDIM η = 0, same seed
         assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "eval")]) == 0
     finally:
