@@ -109,7 +109,9 @@ def _sample_images(model, conditions: dict, args, asked: str) -> int:
     per_row = 8
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid([images[i:i + per_row] for i in range(0, len(images), per_row)], out)
+        rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+        image_grid(rows, out, labels=[f"{asked}: samples {i + 1}-{i + len(r)} of {len(images)}, seed {args.seed}"
+                                      for i, r in zip(range(0, len(images), per_row), rows)])
         if args.singles:
             folder = Path(args.singles)
             folder.mkdir(parents=True, exist_ok=True)

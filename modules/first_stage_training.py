@@ -336,7 +336,8 @@ def write_reconstruction_grid(model: FirstStageModel, images_uint8: torch.Tensor
     value_range = model.cfg.data.value_range
     reconstruction = model.reconstruct(to_model_range(images_uint8.to(model.device), value_range))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return image_grid([images_uint8.cpu(), from_model_range(reconstruction, value_range).cpu()], path)
+    return image_grid([images_uint8.cpu(), from_model_range(reconstruction, value_range).cpu()], path,
+                      labels=["real images", "reconstructions (posterior mode)"])
 
 
 class ReconstructionGridCallback(pl.Callback):

@@ -38,18 +38,53 @@ def check_sample_grid(cfg, source: str) -> None:
                 prompt)
 
 
-def image_grid(rows: list[torch.Tensor], path: Path, *, titles: Optional[list[str]] = None) -> Path:
-    """uint8 image batches (each (N, C, H, W)) as the rows of one PNG, separated by 2-pixel gaps."""
+LABEL_HEIGHT = 14  # pixels of the text band above a labelled row
+
+
+def prompt_label(prompt: dict) -> str:
+    """The row label of a partial prompt: its conditions, or "unconditional" when every condition is masked."""
+    if not prompt:
+        return "unconditional (every condition masked)"
+    return ", ".join(f"{name}={value}" for name, value in prompt.items())
+
+
+def _label_band(text: str, width: int, channels: int) -> np.ndarray:
+    """A white band with `text` in black (PIL's built-in font, which has ASCII glyphs only: other characters are
+    spelled out or replaced), cut with "..." when wider than the grid."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    band = Image.new("L", (width, LABEL_HEIGHT), 255)
+    draw = ImageDraw.Draw(band)
+    text = text.replace("–", "-").replace("—", "-").replace("…", "...").replace("×", "x")
+    text = text.encode("ascii", "replace").decode()
+    shown = text
+    while shown and draw.textlength(shown, font=font) > width - 4:
+        shown = shown[:-4] + "..." if len(shown) > 4 else ""
+    draw.text((2, 1), shown, fill=0, font=font)
+    array = np.asarray(band)[..., None]
+    return np.repeat(array, channels, axis=2)
+
+
+def image_grid(rows: list[torch.Tensor], path: Path, *, labels: Optional[list[Optional[str]]] = None) -> Path:
+    """uint8 image batches (each (N, C, H, W)) as the rows of one PNG, separated by 2-pixel gaps; with `labels`,
+    each row gets its label (None: no band) in a text band above it."""
     from PIL import Image
 
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"image_grid: {len(labels)} labels for {len(rows)} rows")
     tiles = []
     for batch in rows:
         images = batch.cpu().numpy().transpose(0, 2, 3, 1)  # N, H, W, C
         gap = np.full((images.shape[1], 2, images.shape[3]), 255, np.uint8)
         tiles.append(np.concatenate([x for image in images for x in (image, gap)][:-1], axis=1))
     width = max(t.shape[1] for t in tiles)
+    channels = tiles[0].shape[2]
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-    hgap = np.full((2, width, tiles[0].shape[2]), 255, np.uint8)
+    if labels is not None:
+        tiles = [np.concatenate([_label_band(label, width, channels), t], axis=0) if label else t
+                 for label, t in zip(labels, tiles)]
+    hgap = np.full((2, width, channels), 255, np.uint8)
     grid = np.concatenate([x for t in tiles for x in (t, hgap)][:-1], axis=0)
     grid = grid[..., 0] if grid.shape[2] == 1 else grid
     Image.fromarray(grid).save(path)
@@ -96,11 +131,12 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     uniform = mask_draws(cat, num, cfg)[:shown]
     z = torch.randn((1, *model.latent_shape), generator=torch.Generator(device=model.device).manual_seed(
         cfg.paper_z_seed), device=model.device).expand(shown, *model.latent_shape)
-    rows = [raw[:shown]]
+    rows, labels = [raw[:shown]], [f"real {split} images"]
     for level in (0.0, 0.5, 0.9):
         generated = model.generate(level_masks(model, cat[:shown], num[:shown], level, uniform), z=z)
         rows.append(from_model_range(generated, dm.cfg.value_range))
-    figures["samples"] = image_grid(rows, out_dir / "samples.png")
+        labels.append(f"generated from their conditions, sparsity {level} (one shared x_T / z)")
+    figures["samples"] = image_grid(rows, out_dir / "samples.png", labels=labels)
     mse = tables["mse_per_sparsity"].set_index("sparsity")
     summary = {"split": split, "n_images": int(len(images)),
                "mse_paper": {str(k): float(v) for k, v in mse["mse_paper"].items()},
@@ -157,7 +193,8 @@ class SampleGridCallback(pl.Callback):
 
 @torch.no_grad()
 def write_sample_grid(model, dm, cfg, path: Path) -> Path:
-    """Rows: real validation images, generated from their full conditions, then one row per prompt."""
+    """Labelled rows: real validation images, generated from their full conditions, then one row per prompt with
+    `per_prompt` samples (seeded: the same noise every epoch)."""
     was_training = model.training
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +205,11 @@ def write_sample_grid(model, dm, cfg, path: Path) -> Path:
     nothing = torch.zeros_like(cat, dtype=torch.bool)
     generated = model.generate(model.masking.apply(cat, num, nothing, torch.zeros_like(num, dtype=torch.bool)), z=z)
     rows = [raw, from_model_range(generated, dm.cfg.value_range)]
-    for prompt in cfg.prompts:
+    labels = [f"real {'validation' if part == 'val' else 'training'} images",
+              "generated from the conditions of the real images above (one shared x_T / z)"]
+    for prompt in cfg.prompts:  # seed 0 for every prompt and epoch: grids of two epochs compare
         rows.append(model.sample(prompt, n=cfg.per_prompt, seed=0))
-    image_grid(rows, path)
+        labels.append(f"{prompt_label(prompt)}  ({cfg.per_prompt} samples)")
+    image_grid(rows, path, labels=labels)
     model.train(was_training)
     return path

@@ -7,6 +7,8 @@ import torch
 import yaml
 from PIL import Image
 
+from modules.image_evaluation import LABEL_HEIGHT
+
 import evaluate
 import sample
 import train_conv_mcvae
@@ -55,11 +57,11 @@ def test_run_directory(conv_run):
     assert summary["train_mean_mse"] == pytest.approx(table["train_mean_mse"].iloc[0])
     assert summary["n_images"] == (pd.read_csv(run / "split.csv")["split"] == "test").sum()
     grid = Image.open(run / "eval/samples.png")
-    assert grid.size[1] == 4 * 32 + 3 * 2  # real + three sparsity levels
+    assert grid.size[1] == 4 * (32 + LABEL_HEIGHT) + 3 * 2  # real + three sparsity levels, each labelled
     # training-time grids: real, generated from their conditions, one row per prompt (4 in the config)
     grids = sorted((run / "samples").glob("epoch_*.png"))
     assert [g.name for g in grids] == ["epoch_001.png"]
-    assert Image.open(grids[0]).size[1] == 6 * 32 + 5 * 2
+    assert Image.open(grids[0]).size[1] == 6 * (32 + LABEL_HEIGHT) + 5 * 2
 
 
 def test_resume_equals_straight(tmp_path, biked_frame):
@@ -91,7 +93,7 @@ def test_sample_and_evaluate(conv_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--condition", "RIM_STYLE rear=disc",
                         "--n", "10", "--out", str(out), "--singles", str(tmp_path / "single"), "--seed", "1"]) == 0
-    assert Image.open(out).size == (8 * 32 + 7 * 2, 2 * 32 + 2)
+    assert Image.open(out).size == (8 * 32 + 7 * 2, 2 * (32 + LABEL_HEIGHT) + 2)
     assert len(list((tmp_path / "single").glob("*.png"))) == 10
     expect_error(capsys, sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "x.csv")]), "PNG grid")
     mp = pytest.MonkeyPatch()

@@ -6,6 +6,8 @@ import torch
 import yaml
 from PIL import Image
 
+from modules.image_evaluation import LABEL_HEIGHT
+
 import train_first_stage
 from tests.conftest import ROOT
 from tests.test_cli import expect_error, run_dir_of
@@ -44,7 +46,7 @@ def test_run_directory_export_and_evaluation(run):
                  "samples/epoch_000.png", "first_stage/config.json", "first_stage/first_stage_info.json",
                  "eval/summary.json", "eval/reconstruction.csv", "eval/reconstructions.png"]:
         assert (run / name).is_file(), name
-    assert Image.open(run / "samples/epoch_000.png").size == (4 * 32 + 3 * 2, 2 * 32 + 2)  # real | reconstruction
+    assert Image.open(run / "samples/epoch_000.png").size == (4 * 32 + 3 * 2, 2 * (32 + LABEL_HEIGHT) + 2)
     summary = json.loads((run / "eval/summary.json").read_text())
     assert summary["n_images"] == 4 and 0 < summary["mse"] < 4 and summary["latent_shape"] == [4, 16, 16]
     info = json.loads((run / "first_stage/first_stage_info.json").read_text())

@@ -8,6 +8,8 @@ import torch
 import yaml
 from PIL import Image
 
+from modules.image_evaluation import LABEL_HEIGHT
+
 import evaluate
 import sample
 import train_mcldm
@@ -54,7 +56,7 @@ def test_run_directory_and_latent_cache(ldm_run):
     summary = json.loads((run / "eval/summary.json").read_text())
     assert summary["n_images"] == 4  # evaluation.max_images
     # real | generated from their conditions | one row per prompt (4)
-    assert Image.open(run / "samples/epoch_001.png").size[1] == 6 * 32 + 5 * 2
+    assert Image.open(run / "samples/epoch_001.png").size[1] == 6 * (32 + LABEL_HEIGHT) + 5 * 2
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert not any(k.startswith("_first_stage") or "autoencoder" in k for k in ckpt["state_dict"])
     assert any(k.startswith("ema.shadow.unet.") for k in ckpt["state_dict"])
@@ -94,7 +96,7 @@ def test_sample_and_evaluate(ldm_run, tmp_path, capsys):
     try:
         assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(out),
                             "--seed", "1", "--steps", "2", "--cfg_scale", "2", "--sampler", "ddim"]) == 0
-        assert Image.open(out).size == (4 * 32 + 3 * 2, 32)
+        assert Image.open(out).size == (4 * 32 + 3 * 2, 32 + LABEL_HEIGHT)
         again = tmp_path / "again.png"
         assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(again),
                             "--seed", "1", "--steps", "2", "--cfg_scale", "2", "--sampler", "ddim"]) == 0
