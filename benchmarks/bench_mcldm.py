@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from modules.conditioning import ConditionSchema  # noqa: E402
@@ -120,40 +121,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _StepTimer:
-    """A Lightning callback: the time from the end of the `warmup`-th optimizer step to the end of training."""
+class StepTimer(pl.Callback):
+    """The time from the end of the `warmup`-th optimizer step to the end of training."""
 
-    def __new__(cls, *args, **kwargs):
-        import pytorch_lightning as pl
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.started = self.stopped = self.warmup_seconds = self.fit_started = self.loss = None
 
-        class StepTimer(pl.Callback):
-            def __init__(self, warmup: int, device: torch.device):
-                self.warmup, self.device = warmup, device
-                self.started = self.stopped = self.warmup_seconds = None
-                self.fit_started = None
-                self.loss = None
+    def on_train_start(self, trainer, module):
+        synchronize(self.device)
+        self.fit_started = time.perf_counter()
 
-            def on_train_start(self, trainer, module):
-                synchronize(self.device)
-                self.fit_started = time.perf_counter()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.started is None:
+            synchronize(self.device)
+            self.started = time.perf_counter()
+            self.warmup_seconds = self.started - self.fit_started
+        self.loss = outputs
 
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if trainer.global_step == self.warmup and self.started is None:
-                    synchronize(self.device)
-                    self.started = time.perf_counter()
-                    self.warmup_seconds = self.started - self.fit_started
-                self.loss = outputs
-
-            def on_train_end(self, trainer, module):
-                synchronize(self.device)
-                self.stopped = time.perf_counter()
-
-        return StepTimer(*args, **kwargs)
+    def on_train_end(self, trainer, module):
+        synchronize(self.device)
+        self.stopped = time.perf_counter()
 
 
 def bench_training(model: MCLDM, device: torch.device, steps: int, warmup: int, seed: int) -> dict:
-    import pytorch_lightning as pl
-
     from modules.data import TensorBatches
     from modules.sparsity import SparsitySchedule, SparsityScheduler
     from modules.training import NonFiniteLossGuard, trainer_settings
@@ -170,7 +161,7 @@ def bench_training(model: MCLDM, device: torch.device, steps: int, warmup: int, 
     numerical = torch.rand((n, len(model.schema.numerical)), generator=g, device=device)
     loader = TensorBatches((latents, categorical, numerical), batch_size=batch, shuffle=True, seed=seed,
                            accumulate=k)
-    timer = _StepTimer(warmup, device)
+    timer = StepTimer(warmup, device)
     callbacks = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity)), NonFiniteLossGuard(), timer]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

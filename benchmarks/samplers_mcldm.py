@@ -60,11 +60,10 @@ def main(argv=None) -> int:
     import torch
 
     from modules.evaluation import diversity, level_masks, mask_draws
-    from modules.image_adherence import _predict, _scores, fit_condition_classifier
+    from modules.image_adherence import _predict, _scores, fit_condition_classifier, majority_per_condition
     from modules.image_data import to_model_range
     from modules.registry import spec_for
     from modules.sampling_cli import model_device
-    from modules.baselines import majority_scores
     from modules.training import quiet_lightning, read_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -85,13 +84,7 @@ def main(argv=None) -> int:
     tokens = torch.tensor(model.schema.mask_tokens(), device=cat.device)
     known_cat, known_num = cat != tokens, ~torch.isnan(num)
     real = _scores(model.schema, _predict(classifier, images), cat, num, known_cat, known_num)
-    majority = {}
-    for j, c in enumerate(model.schema.categorical):
-        reference = tr_cat[:, j][tr_cat[:, j] != tokens[j]]
-        majority[c.name] = majority_scores("categorical", reference.cpu().numpy(), cat[known_cat[:, j], j].cpu().numpy())
-    for j, c in enumerate(model.schema.numerical):
-        reference = tr_num[:, j][~torch.isnan(tr_num[:, j])]
-        majority[c.name] = majority_scores("numerical", reference.cpu().numpy(), num[known_num[:, j], j].cpu().numpy())
+    majority = majority_per_condition(model.schema, cat, num, tr_cat, tr_num)
     informative = [name for name in real if real[name] > majority[name] + 0.05]
     conditions = level_masks(model, cat, num, 0.0, mask_draws(cat, num, cfg))
     z = torch.randn((len(images), *model.latent_shape), generator=torch.Generator().manual_seed(cfg.paper_z_seed))

@@ -99,6 +99,22 @@ def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]
     return scores
 
 
+def majority_per_condition(schema, cat, num, train_cat, train_num) -> dict[str, float]:
+    """Per condition, the score of not looking at the image on the known test values: the majority training
+    category's accuracy, the training mean's R²."""
+    tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
+    out = {}
+    for j, cond in enumerate(schema.categorical):
+        reference = train_cat[:, j][train_cat[:, j] != tokens[j]]
+        known = cat[:, j] != tokens[j]
+        out[cond.name] = majority_scores("categorical", reference.cpu().numpy(), cat[known, j].cpu().numpy())
+    for j, cond in enumerate(schema.numerical):
+        reference = train_num[:, j][~torch.isnan(train_num[:, j])]
+        known = ~torch.isnan(num[:, j])
+        out[cond.name] = majority_scores("numerical", reference.cpu().numpy(), num[known, j].cpu().numpy())
+    return out
+
+
 @torch.no_grad()
 def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cfg: EvaluationConfig,
                     train_cat: torch.Tensor | None = None, train_num: torch.Tensor | None = None,
@@ -113,16 +129,10 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
     known_cat, known_num = cat != tokens, ~torch.isnan(num)
     rows = {c.name: {"condition": c.name, "kind": c.kind, "metric": "accuracy" if c.kind == "categorical" else "r2"}
             for c in schema.conditions}
-    for j, cond in enumerate(schema.categorical):
-        reference = train_cat[:, j] if train_cat is not None else cat[:, j]
-        reference = reference[reference != tokens[j]]
-        keep = known_cat[:, j]
-        rows[cond.name]["majority"] = majority_scores("categorical", reference.cpu().numpy(), cat[keep, j].cpu().numpy())
-    for j, cond in enumerate(schema.numerical):
-        reference = train_num[:, j] if train_num is not None else num[:, j]
-        truth = num[known_num[:, j], j].cpu().numpy()
-        rows[cond.name]["majority"] = majority_scores("numerical", reference[~torch.isnan(reference)].cpu().numpy(),
-                                                      truth)
+    majority = majority_per_condition(schema, cat, num, train_cat if train_cat is not None else cat,
+                                      train_num if train_num is not None else num)
+    for name, value in majority.items():
+        rows[name]["majority"] = value
     for name, value in _scores(schema, _predict(classifier, images), cat, num, known_cat, known_num).items():
         rows[name]["real"] = value
     counts = {**{c.name: int(known_cat[:, j].sum()) for j, c in enumerate(schema.categorical)},

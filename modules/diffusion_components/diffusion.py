@@ -3,6 +3,7 @@ schedulers (DDIM, DDPM, DPM-Solver++, UniPC, Euler) built from the model's own Î
 guidance computed in one batched forward pass."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -129,8 +130,6 @@ class GaussianDiffusion(nn.Module):
         scheduler = make_scheduler(sampler, self.betas, steps)
         x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
         x = x.float() * scheduler.init_noise_sigma
-        import inspect
-
         accepts = inspect.signature(scheduler.step).parameters
         extra = {"eta": eta} if sampler == "ddim" else {}
         if "generator" in accepts:  # the deterministic multistep solvers take none

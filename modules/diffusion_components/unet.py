@@ -141,6 +141,12 @@ def downsampling_factor(cfg: UNetConfig) -> int:
     return 2 ** (levels if cfg.layout == "paper" else levels - 1)
 
 
+def _check_size(x: torch.Tensor, cfg: UNetConfig) -> None:
+    factor = downsampling_factor(cfg)
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(f"the {cfg.layout} UNet needs H and W that are multiples of {factor}, got {tuple(x.shape)}")
+
+
 def check_unet_config(cfg: UNetConfig) -> None:
     for key in ("start_channels", "blocks_per_level", "attention_heads", "attention_head_dim",
                 "condition_channels", "time_embedding_dim", "positional_dim", "norm_groups"):
@@ -285,9 +291,7 @@ class McUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) noisy latents, t (B,) time steps (long or float), condition (B, condition_dim) the
         condition embedding → predicted ε (B, C, H, W)."""
-        factor = 2 ** self.levels
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"McUNet: H and W must be multiples of 2^levels = {factor}, got {tuple(x.shape)}")
+        _check_size(x, self.config)
         time = self.time_embedding(t)
         h = self.stem(x)
         skips = []
@@ -423,9 +427,7 @@ class PerBlockAttentionUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) noisy latents, t (B,) time steps (long or float), condition (B, condition_dim) the
         condition embedding → predicted ε (B, C, H, W)."""
-        factor = 2 ** (self.levels - 1)
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"PerBlockAttentionUNet: H and W must be multiples of 2^(levels - 1) = {factor}, got {tuple(x.shape)}")
+        _check_size(x, self.config)
         time = self.time_embedding(t)
         c = self.condition_map(condition)
         h = self.stem(x)
