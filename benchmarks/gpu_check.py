@@ -7,7 +7,9 @@
 Steps (each one is a subprocess with a time limit; a failure is recorded and the next step still runs):
 1. a subset of BIKED (`--designs` rows of data/biked/df_parameters_final.csv) in a work folder;
 2. mcVAE (`mcvae_biked`), one epoch, then `sample.py` with a bike picture;
-3. conv-mcVAE (`conv_mcvae_biked_small`), one epoch, with its sample grid;
+3. conv-mcVAE (`conv_mcvae_biked_small`), one epoch, with its sample grid; then the paper config
+   (`conv_mcvae_biked`, 256 px, batch 140: 2 optimizer steps on 512 designs) one epoch (with `--tiny`: at 64 px,
+   batch 32);
 4. first stage (`first_stage_biked_small`), one epoch, exported inside the work folder (the shared export in
    data/first_stages is left alone);
 5. mcLDM (`mcldm_biked_small`) on that first stage, one epoch, with its sample grid, then `sample.py` with the
@@ -143,6 +145,16 @@ def main(argv=None) -> int:
     if steps.run("conv_mcvae_train", [py, "train_conv_mcvae.py", "--config", str(conv_cfg), "--logdir",
                                       str(work / "runs"), "--name", "conv", "--no_eval"]):
         steps.keep(newest("samples/epoch_*.png", newest("conv_*", work / "runs")), "conv_mcvae_grid.png")
+
+    def conv_paper(c):
+        common(c, images=True)
+        c["sample_grid"]["every_n_epochs"] = 0
+        if args.tiny:
+            c["data"]["image_size"] = 64
+            c["trainer"]["batch_size"] = 32
+    conv_paper_cfg = write_config("conv_mcvae_biked", work, conv_paper)
+    steps.run("conv_mcvae_paper_train", [py, "train_conv_mcvae.py", "--config", str(conv_paper_cfg), "--logdir",
+                                         str(work / "runs"), "--name", "conv_paper", "--no_eval"])
 
     # 4. first stage (small), exported inside the work folder
     def first(c):

@@ -141,7 +141,9 @@ class EvaluationConfig:
     # model-free baselines scored on the same masks (parametric data): the mean training design, a random forest
     # from the masked conditions to the design, k random training designs (README, "Evaluation")
     baselines: bool = True
-    samples_per_design: int = 16  # k: the energy score, mean-of-k and best-of-k errors, validity and novelty
+    # k: the energy score, mean-of-k and best-of-k errors, validity and novelty; image models: 0 skips them (they
+    # cost k samplings per test image and level)
+    samples_per_design: int = 16
     sample_seed: int = 1  # seed of those k samples per design
     diversity_groups: int = 50  # condition groups used for the diversity comparison
     diversity_samples: int = 16  # designs generated per group

@@ -4,9 +4,16 @@ Encoder: stem conv → per level `blocks_per_level` ResBlocks (GroupNorm) with o
 stride-2 conv → a bottleneck to `latent_channels` (mean, log-variance). The condition embedding is mapped,
 normalised, broadcast over the latent's spatial size and concatenated to z. The decoder mirrors the encoder with
 learned (transposed-conv) upsampling.
+
+The paper's objective, (1 − w)·MSE + w·KL both mean-reduced with w = 0.9, weighs one latent element's KL nine
+times one pixel's squared error: the posterior collapses to the prior and the decoder draws one average image
+per set of conditions. The options below make it a generative model, as for the mcVAE (README, "Generative
+defaults"): the ELBO of a Gaussian decoder (`reconstruction: gaussian_nll`), a conditional prior p(z | c), and the
+condition at every decoder level (`decoder_conditions: every_level`, as the mcLDM's UNet).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -21,7 +28,7 @@ from modules.config import (ConditioningConfig, EvaluationConfig, LRSchedulerCon
 from modules.image_data import ImageDataConfig
 from modules.image_evaluation import SampleGridConfig, check_sample_grid
 from modules.layers import SelfAttention, group_norm
-from modules.mcvae import ACTIVATIONS, kl_divergence
+from modules.mcvae import ACTIVATIONS, gaussian_nll, kl_divergence
 
 
 @dataclass
@@ -37,7 +44,23 @@ class ConvMCVAEModelConfig:
     condition_channels: int = 10  # the mapped condition embedding concatenated to z
     activation: Literal["selu", "relu", "gelu", "silu", "tanh", "elu"] = "selu"
     dropout: float = 0.15
-    kl_weight: float = 0.9  # loss = (1 - w)·MSE + w·KL, both mean-reduced
+    # loss = (1 − w)·reconstruction + w·KL. mse: the paper's, pixel MSE and the KL per latent element, both
+    # mean-reduced; gaussian_nll: −log N(x; x̂, σ²) summed over pixels and the KL summed over the latent, per image
+    # (w = 0.5: ½·(−ELBO), Kingma & Welling 2014, Eq. 10)
+    kl_weight: float = 0.9
+    reconstruction: Literal["mse", "gaussian_nll"] = "mse"
+    decoder_sigma: Optional[float] = 0.1  # gaussian_nll: σ of every pixel (value-range units); null = one learned σ
+    # the prior of z: N(0, I) (the paper) or p(z | c) = N(μ(c), σ²(c)) over the whole latent grid, from the masked
+    # condition embedding, so that sampled latents agree with the conditions asked for
+    prior: Literal["standard", "conditional"] = "standard"
+    prior_hidden_dim: int = 128
+    # latent: the mapped condition concatenated to z only (the paper); every_level: also added to the input of
+    # every decoder level (a Linear of the embedding per level, the same as concatenating it broadcast and a 1×1
+    # conv), so the condition reaches the fine resolutions directly
+    decoder_conditions: Literal["latent", "every_level"] = "latent"
+    # the encoder sees the masked conditions too, q(z | x, c) (a CVAE): z need not carry what c says
+    encoder_conditions: bool = False
+    temperature: float = 1.0  # z = μ_p + τ·σ_p·ε at generation; < 1 trades diversity for typical images
     ema_decay: Optional[float] = None
 
 
@@ -69,6 +92,11 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
             f"levels in [0, {m.levels - 1}]", m.attention_levels)
     require(0 <= m.dropout < 1, source, "model.dropout", "in [0, 1)", m.dropout)
     require(0 <= m.kl_weight <= 1, source, "model.kl_weight", "in [0, 1]", m.kl_weight)
+    require(m.decoder_sigma is None or m.decoder_sigma > 0, source, "model.decoder_sigma", "> 0 or null",
+            m.decoder_sigma)
+    require(m.prior_hidden_dim >= 1, source, "model.prior_hidden_dim", "≥ 1", m.prior_hidden_dim)
+    require(m.temperature >= 0, source, "model.temperature", "≥ 0 (0: the prior mean)", m.temperature)
+    require(m.ema_decay is None or 0 < m.ema_decay < 1, source, "model.ema_decay", "in (0, 1) or null", m.ema_decay)
     check_sample_grid(cfg, source)
     size = cfg.data.image_size
     require(size % (2 ** m.levels) == 0, source, "data.image_size", f"a multiple of 2^levels = {2 ** m.levels}", size)
@@ -120,7 +148,9 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
                                       nn.Conv2d(width, width, 3, stride=2, padding=1)))
             previous = width
         self.down = nn.ModuleList(down)
-        self.to_posterior = nn.Sequential(group_norm(previous), act(), nn.Conv2d(previous, 2 * m.latent_channels, 1))
+        encoder_extra = m.condition_channels if m.encoder_conditions else 0
+        self.to_posterior = nn.Sequential(group_norm(previous + encoder_extra), act(),
+                                          nn.Conv2d(previous + encoder_extra, 2 * m.latent_channels, 1))
         # condition → channels, normalised, broadcast over the latent grid
         self.condition_map = nn.Sequential(nn.Linear(self.embedding.out_dim, m.condition_channels),
                                            nn.LayerNorm(m.condition_channels))
@@ -132,8 +162,25 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
             up.append(nn.Sequential(_level(width, width, m, act, i in m.attention_levels),
                                     nn.ConvTranspose2d(width, below, 4, stride=2, padding=1)))
         self.up = nn.ModuleList(up)
+        # every_level: one Linear of the mapped condition per decoder level (to that level's input channels)
+        self.level_conditions = (nn.ModuleList(nn.Linear(m.condition_channels, widths[i]) for i in reversed(range(m.levels)))
+                                 if m.decoder_conditions == "every_level" else None)
         self.head = nn.Sequential(group_norm(m.image_embedding_dim), act(),
                                   nn.Conv2d(m.image_embedding_dim, d.channels, 3, padding=1))
+        side = d.image_size // 2 ** m.levels
+        self.prior_net = (nn.Sequential(nn.Linear(self.embedding.out_dim, m.prior_hidden_dim), act(),
+                                        nn.Linear(m.prior_hidden_dim, 2 * m.latent_channels * side * side))
+                          if m.prior == "conditional" else None)
+        if self.prior_net is not None:  # start at N(0, I): the prior learns where images with c lie
+            nn.init.zeros_(self.prior_net[-1].weight)
+            nn.init.zeros_(self.prior_net[-1].bias)
+        # gaussian_nll: log σ of the decoder, fixed (not saved) or one learned scalar
+        if m.reconstruction == "gaussian_nll" and m.decoder_sigma is None:
+            self.log_sigma = nn.Parameter(torch.full((1,), math.log(0.1)))
+        else:
+            fixed = m.reconstruction == "gaussian_nll"
+            self.register_buffer("log_sigma", torch.full((1,), math.log(m.decoder_sigma)) if fixed else None,
+                                 persistent=False)
         self.enable_ema(m.ema_decay)
 
     @property
@@ -143,16 +190,32 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         return m.latent_channels, side, side
 
     def generative_modules(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"embedding": self.embedding, "condition_map": self.condition_map,
-                              "from_latent": self.from_latent, "up": self.up, "head": self.head})
+        modules = {"embedding": self.embedding, "condition_map": self.condition_map,
+                   "from_latent": self.from_latent, "up": self.up, "head": self.head}
+        if self.level_conditions is not None:
+            modules["level_conditions"] = self.level_conditions
+        if self.prior_net is not None:
+            modules["prior_net"] = self.prior_net
+        return nn.ModuleDict(modules)
 
     # ------------------------------------------------------------------ model
     def encode(self, images: torch.Tensor, c: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | x) over the image only (c is not used)."""
+        """q(z | x), the paper's; q(z | x, c) with `model.encoder_conditions` (c: the condition embedding)."""
         h = self.stem(images)
         for level in self.down:
             h = level(h)
+        if self.cfg.model.encoder_conditions:
+            mapped = self.condition_map(c)
+            h = torch.cat([h, mapped[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
         mu, logvar = self.to_posterior(h).chunk(2, dim=1)
+        return mu, logvar
+
+    def prior(self, c: torch.Tensor, *, averaged: bool = False):
+        """(μ_p, log σ_p²) of p(z | c), each of the latent's shape, for a conditional prior; None for N(0, I)."""
+        if self.prior_net is None:
+            return None
+        prior_net = self.ema.shadow["prior_net"] if averaged and self.ema is not None else self.prior_net
+        mu, logvar = prior_net(c).reshape(len(c), 2 * self.latent_shape[0], *self.latent_shape[1:]).chunk(2, dim=1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor, c: torch.Tensor, *, averaged: bool = False) -> torch.Tensor:
@@ -160,13 +223,22 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         parts = self.ema.shadow if averaged and self.ema is not None else self.generative_modules()
         c = parts["condition_map"](c)
         h = parts["from_latent"](torch.cat([z, c[:, :, None, None].expand(-1, -1, *z.shape[2:])], dim=1))
-        for level in parts["up"]:
+        for i, level in enumerate(parts["up"]):
+            if "level_conditions" in parts:
+                h = h + parts["level_conditions"][i](c)[:, :, None, None]
             h = level(h)
         return parts["head"](h)
 
     def loss(self, images, reconstruction, mu, logvar, prior=None) -> dict[str, torch.Tensor]:
-        """(1 - w)·MSE + w·KL, both mean-reduced (the KL per latent element, averaged over the batch)."""
+        """(1 − w)·rec + w·KL. mse (the paper's): pixel MSE and the KL per latent element, both mean-reduced.
+        gaussian_nll: the Gaussian decoder's −log N(x; x̂, σ²) summed over pixels and KL(q(z | x) ‖ p(z | c)) summed
+        over the latent, per image and averaged over the batch (w = ½: ½·(−ELBO), Kingma & Welling 2014, Eq. 10)."""
         w = self.cfg.model.kl_weight
-        rec = F.mse_loss(reconstruction, images)
-        kl = kl_divergence(mu.flatten(1), logvar.flatten(1)).mean() / mu[0].numel()
+        kl = kl_divergence(mu.flatten(1), logvar.flatten(1),
+                           None if prior is None else tuple(t.flatten(1) for t in prior)).mean()
+        if self.cfg.model.reconstruction == "gaussian_nll":
+            rec = gaussian_nll(images.flatten(1), reconstruction.flatten(1), self.log_sigma).mean()
+        else:
+            rec = F.mse_loss(reconstruction, images)
+            kl = kl / mu[0].numel()
         return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}

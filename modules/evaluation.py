@@ -77,43 +77,82 @@ def draw_samples(model, conditions: MaskedConditions, k: int, generator: torch.G
     return out.reshape(n, k, *out.shape[1:])
 
 
+SAMPLE_CHUNK_ELEMENTS = 1 << 24  # sample elements scored at once
+
+
 @torch.no_grad()
-def sample_based_per_sparsity(model, design, cat, num, cfg: EvaluationConfig, *, train: torch.Tensor,
+def sample_based_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *, train: torch.Tensor, name: str,
+                              weights: Optional[torch.Tensor] = None, per_feature: bool = False,
+                              to_space: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                               forest: Optional[ConditionalForest] = None,
-                              checks: Optional[str] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per level, from `cfg.samples_per_design` samples per test design (seeded, the masks of `mask_draws`):
-    the energy score, the SSE of the mean of the k samples and the best-of-k SSE (`modules.scoring`), with the
-    baselines' SSE and energy score beside them; and the validity/novelty of the samples (`modules.design_checks`).
-    Every figure is on the error scale (`cfg.error_scale`); the baselines get exactly the model's masked conditions.
+                              on_samples: Optional[Callable[[float, torch.Tensor], None]] = None,
+                              progress=None) -> pd.DataFrame:
+    """Per level, from `cfg.samples_per_design` samples per test target (seeded, the masks of `mask_draws`): the
+    energy score, the error of the mean of the k samples and the best-of-k error (`modules.scoring`), with the
+    baselines beside them, all on the same masks. One implementation for designs and images:
+
+    - `weights` put the squared differences on the evaluation scale (designs); `per_feature` divides the squared
+      errors by the number of features (images: pixel MSE), the energy score stays a distance;
+    - `train` are the training examples, mapped into the model's space by `to_space` (images: uint8 → value
+      range), for the baselines: their mean (`train_mean_<name>`, `train_mean_energy_score`) and k random ones
+      (`train_sample_energy_score`); a `forest` (designs) adds the conditional regressor;
+    - `on_samples(level, samples)` sees each level's samples (N, k, …) (the validity checks of designs; it keeps
+      them all in memory).
+
+    Targets are scored in chunks (≈ 16 M sample elements each), so 256 px images fit in memory.
     """
     k = cfg.samples_per_design
-    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
+    to_space = to_space or (lambda x: x)
+    scale = 1.0 / target[0].numel() if per_feature else 1.0
     uniform = mask_draws(cat, num, cfg)
-    g = _generator(cfg.sample_seed, design.device)
+    g = _generator(cfg.sample_seed, target.device)
     g_train = torch.Generator().manual_seed(cfg.sample_seed + 1)
-    train_mean = train.mean(dim=0, keepdim=True).expand_as(design)
-    point = lambda prediction: {  # noqa: E731  a point predictor as one sample
-        "sse": float(scoring.squared_errors(prediction[:, None], design, weights).mean()),
-        "energy_score": float(scoring.energy_score(prediction[:, None], design, weights).mean())}
-    mean_scores = point(train_mean)
+    train_mean = _chunked_mean(train, to_space).to(target.device)
+    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // (k * target[0].numel()))
+
+    def point(prediction: torch.Tensor) -> dict[str, float]:  # a point predictor as one sample per target
+        return {name: float(scoring.squared_errors(prediction[:, None], target, weights).mean()) * scale,
+                "energy_score": float(scoring.energy_score(prediction[:, None], target, weights).mean())}
+
+    mean_scores = point(train_mean[None].expand_as(target))
     rows = []
-    validity = [design_checks.validity_row("real test designs", design, model.scaler, train, weights, checks)]
     for level in cfg.sparsity_levels:
+        if progress is not None:
+            progress.update(level)
         conditions = level_masks(model, cat, num, level, uniform)
-        samples = draw_samples(model, conditions, k, g)
-        errors = scoring.sample_errors(samples, design, weights)
-        row = {"sparsity": level, **{name: float(v.mean()) for name, v in errors.items()}}
-        row.update({"train_mean_sse": mean_scores["sse"], "train_mean_energy_score": mean_scores["energy_score"]})
+        parts, kept = [], []
+        for start in range(0, len(target), chunk):
+            samples = draw_samples(model, conditions.rows(start, start + chunk), k, g)
+            parts.append(scoring.sample_errors(samples, target[start:start + chunk], weights, per_feature=per_feature))
+            if on_samples is not None:
+                kept.append(samples)
+        if on_samples is not None:
+            on_samples(level, torch.cat(kept))
+        errors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        row = {"sparsity": level, "energy_score": float(errors["energy_score"].mean()),
+               f"{name}_mean_of_k": float(errors["sse_mean_of_k"].mean()),
+               f"{name}_best_of_k": float(errors["sse_best_of_k"].mean()),
+               f"train_mean_{name}": mean_scores[name], "train_mean_energy_score": mean_scores["energy_score"]}
         if forest is not None:
-            forest_scores = point(forest.predict(conditions).to(design.device))
-            row.update({"conditional_forest_sse": forest_scores["sse"],
+            forest_scores = point(forest.predict(conditions).to(target.device))
+            row.update({f"conditional_forest_{name}": forest_scores[name],
                         "conditional_forest_energy_score": forest_scores["energy_score"]})
-        picks = torch.randint(len(train), (len(design), k), generator=g_train).to(train.device)
-        row["train_sample_energy_score"] = float(scoring.energy_score(train[picks], design, weights).mean())
+        picks = torch.randint(len(train), (len(target), k), generator=g_train)
+        row["train_sample_energy_score"] = float(torch.cat([
+            scoring.energy_score(to_space(train[picks[start:start + chunk].reshape(-1).to(train.device)].to(
+                target.device)).reshape(-1, k, *target.shape[1:]), target[start:start + chunk], weights)
+            for start in range(0, len(target), chunk)]).mean())
         rows.append(row)
-        validity.append(design_checks.validity_row(f"generated, sparsity {level:g}", samples.flatten(0, 1),
-                                                   model.scaler, train, weights, checks))
-    return _with_mean(pd.DataFrame(rows)), pd.DataFrame(validity)
+    return _with_mean(pd.DataFrame(rows))
+
+
+def _chunked_mean(x: torch.Tensor, to_space: Callable[[torch.Tensor], torch.Tensor], chunk: int = 512) -> torch.Tensor:
+    """The mean over the first axis of `to_space(x)`, summed in chunks in float64 (a large image split)."""
+    total = None
+    for start in range(0, len(x), chunk):
+        part = to_space(x[start:start + chunk]).double().sum(dim=0)
+        total = part if total is None else total + part
+    return (total / len(x)).float()
 
 
 def _with_mean(table: pd.DataFrame) -> pd.DataFrame:
@@ -282,8 +321,14 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         progress("conditional forest baseline")
         forest = ConditionalForest(model, train_design, train_cat, train_num, cfg.sparsity_levels, seed=cfg.mask_seed)
     progress(f"{cfg.samples_per_design} samples per design")
-    sampled, validity = sample_based_per_sparsity(model, design, cat, num, cfg, train=train_design, forest=forest,
-                                                  checks=dm.cfg.design_checks)
+    weights = model.scaler.error_weights(cfg.error_scale).to(design.device)
+    checks = dm.cfg.design_checks
+    validity = [design_checks.validity_row("real test designs", design, model.scaler, train_design, weights, checks)]
+    sampled = sample_based_per_sparsity(
+        model, design, cat, num, cfg, train=train_design, name="sse", weights=weights, forest=forest,
+        on_samples=lambda level, samples: validity.append(design_checks.validity_row(
+            f"generated, sparsity {level:g}", samples.flatten(0, 1), model.scaler, train_design, weights, checks)))
+    validity = pd.DataFrame(validity)
     tables = {"mse_per_sparsity": errors.merge(sampled, on="sparsity", sort=False)}
     if cfg.adherence:
         progress("adherence")

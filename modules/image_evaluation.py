@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
-from modules.evaluation import (diversity, error_per_sparsity, evaluation_inputs, level_masks, mask_draws, publish,
-                                save_tables)
+from modules.evaluation import (_chunked_mean, _Progress, _short, diversity, error_per_sparsity, evaluation_inputs,
+                                level_masks, mask_draws, publish, sample_based_per_sparsity, save_tables)
 from modules.image_data import from_model_range, to_model_range
 
 
@@ -101,17 +101,27 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         model, dm, out_dir, split, cfg, tensors=tuple(t[:limit] for t in dm.split_images(split)))
     images = to_model_range(raw, dm.cfg.value_range)
     target = model.evaluation_target(images)  # the images, or for a latent model the decoded ground truth
+    progress = _Progress(quiet)
+    progress("single-z errors")
     tables = {"mse_per_sparsity": error_per_sparsity(
         model, target, cat, num, cfg, name="mse",
         error=lambda generated: (generated - target).pow(2).mean().item())}
     tr_raw, tr_cat, tr_num = dm.split_images("train")
-    if cfg.baselines:  # the mean training image, on the same targets
-        mean_image = _mean_image(tr_raw, dm.cfg.value_range).to(model.device)
-        tables["mse_per_sparsity"]["train_mean_mse"] = float((mean_image[None] - target).pow(2).mean())
+    to_range = lambda x: to_model_range(x, dm.cfg.value_range)  # noqa: E731
+    if cfg.samples_per_design:  # the energy score, mean-of-k and best-of-k with the training-image baselines
+        progress(f"{cfg.samples_per_design} samples per image")
+        sampled = sample_based_per_sparsity(model, target, cat, num, cfg, train=tr_raw, name="mse", per_feature=True,
+                                            to_space=to_range)
+        tables["mse_per_sparsity"] = tables["mse_per_sparsity"].merge(sampled, on="sparsity", sort=False)
+    elif cfg.baselines:  # the mean training image alone
+        tables["mse_per_sparsity"]["train_mean_mse"] = float(
+            (_chunked_mean(tr_raw, to_range).to(model.device)[None] - target).pow(2).mean())
+    progress("diversity")
     tables["diversity"] = diversity(model, images, cat, num, cfg)
     if cfg.adherence:
         from modules.image_adherence import fit_condition_classifier, image_adherence
 
+        progress("adherence classifier on the real training images")
         tr_raw, tr_cat, tr_num = (t.to(model.device) for t in (tr_raw, tr_cat, tr_num))
         classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
                                               model.schema, seed=cfg.mask_seed)
@@ -121,10 +131,12 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         fids = []
         record = None if fid is None else (lambda level, generated: fids.append(
             {"sparsity": level, "fid": fid(from_model_range(generated, dm.cfg.value_range)), "features": fid.name}))
+        progress("adherence of generated images" + (" and Fréchet distance" if fid is not None else ""))
         tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat,
                                               train_num=tr_num, on_generated=record)
         if fids:
             tables["fid"] = pd.DataFrame(fids)
+    progress.done()
     figures = save_tables(tables, out_dir, error_name="mse")
     # real test images, then generated from their conditions at sparsity 0, 0.5 and 0.9 (paper z)
     shown = min(8, len(images))
@@ -138,9 +150,9 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         labels.append(f"generated from their conditions, sparsity {level} (one shared x_T / z)")
     figures["samples"] = image_grid(rows, out_dir / "samples.png", labels=labels)
     mse = tables["mse_per_sparsity"].set_index("sparsity")
-    summary = {"split": split, "n_images": int(len(images)),
-               "mse_paper": {str(k): float(v) for k, v in mse["mse_paper"].items()},
-               "mse_prior": {str(k): float(v) for k, v in mse["mse_prior"].items()},
+    summary = {"split": split, "n_images": int(len(images)), "samples_per_image": cfg.samples_per_design,
+               **{column: {str(k): float(v) for k, v in mse[column].items()} for column in mse.columns
+                  if column != "train_mean_mse"},
                **({"train_mean_mse": float(mse["train_mean_mse"].iloc[0])} if "train_mean_mse" in mse else {}),
                "diversity": tables["diversity"].to_dict(orient="records"),
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
@@ -148,9 +160,19 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
     if "fid" in tables:
         summary["fid"] = tables["fid"].to_dict(orient="records")
-    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, headings={
-        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) on the {split} split, {len(images)} images "
-                            "(train_mean_mse: the mean training image, a baseline):",
+    k = cfg.samples_per_design
+    printed = {"mse_per_sparsity": _short(tables["mse_per_sparsity"], IMAGE_MODEL_COLUMNS),
+               "baselines": _short(tables["mse_per_sparsity"], IMAGE_BASELINE_COLUMNS)}
+    publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
+        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) per evaluation sparsity on the {split} "
+                            f"split, {len(images)} images. single_z: the paper's protocol (one z / x_T for every "
+                            "image); prior: a z per image" + (
+                                f"; ES: energy score from {k} samples per image (lower is better, proper); "
+                                f"mean_of_k / best_of_k: pixel MSE of the mean / the closest of the {k} samples:"
+                                if k else ":"),
+        "baselines": "Baselines: pixel MSE of the mean training image (train_mean); ES of the mean training image and "
+                     f"of {k} random training images (train_sample), on the same masks:" if k else
+                     "Baselines: pixel MSE of the mean training image (train_mean):",
         "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images; majority: without "
                      "looking at the image; informative: real images clear it):",
         "diversity": "Diversity (mean pairwise distance of images):",
@@ -159,13 +181,12 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     return tables
 
 
-def _mean_image(raw: torch.Tensor, value_range, chunk: int = 512) -> torch.Tensor:
-    """The mean of the training images in the model's value range, summed in chunks (the split may be large)."""
-    total = None
-    for start in range(0, len(raw), chunk):
-        part = to_model_range(raw[start:start + chunk], value_range).double().sum(dim=0)
-        total = part if total is None else total + part
-    return (total / len(raw)).float()
+# printed column → table column (the CSV keeps the long names)
+IMAGE_MODEL_COLUMNS = {"sparsity": "sparsity", "single_z": "mse_paper", "prior": "mse_prior",
+                       "prior_sd": "mse_prior_std", "ES": "energy_score", "mean_of_k": "mse_mean_of_k",
+                       "best_of_k": "mse_best_of_k"}
+IMAGE_BASELINE_COLUMNS = {"sparsity": "sparsity", "train_mean": "train_mean_mse", "ES train_mean": "train_mean_energy_score",
+                          "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
 
 
 class SampleGridCallback(pl.Callback):

@@ -69,9 +69,9 @@ def save_figure(fig, path: Path) -> Path:
     return Path(path)
 
 
-BASELINE_STYLE = {"train_mean": ("mean training design", "C7", (0, (4, 2))),
+BASELINE_STYLE = {"train_mean": ("mean training example", "C7", (0, (4, 2))),
                   "conditional_forest": ("forest on the masked conditions", "C3", (0, (1, 1.5))),
-                  "train_sample": ("random training designs", "C5", (0, (3, 1, 1, 1)))}
+                  "train_sample": ("random training examples", "C5", (0, (3, 1, 1, 1)))}
 
 
 def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
@@ -86,8 +86,8 @@ def plot_error_per_sparsity(table: pd.DataFrame, name: str, path: Path) -> Path:
     ax.plot(x, levels[f"{name}_paper"], "o-", color="C0", label="one shared z (paper protocol)")
     ax.errorbar(x, levels[f"{name}_prior"], yerr=levels[f"{name}_prior_std"], fmt="s--", color="C1", capsize=3,
                 label="a z per design")
-    for column, label, marker, color in (("sse_mean_of_k", "mean of k samples", "^-", "C2"),
-                                         ("sse_best_of_k", "best of k samples", "v-", "C4")):
+    for column, label, marker, color in ((f"{name}_mean_of_k", "mean of k samples", "^-", "C2"),
+                                         (f"{name}_best_of_k", "best of k samples", "v-", "C4")):
         if column in levels:
             ax.plot(x, levels[column], marker, color=color, label=label)
     for baseline, (label, color, style) in BASELINE_STYLE.items():

@@ -148,9 +148,10 @@ def check_common(cfg, source: str) -> None:
     require(e.prior_draws >= 1, source, "evaluation.prior_draws", "≥ 1", e.prior_draws)
     require(e.diversity_groups >= 1, source, "evaluation.diversity_groups", "≥ 1", e.diversity_groups)
     require(e.diversity_samples >= 2, source, "evaluation.diversity_samples", "≥ 2", e.diversity_samples)
-    require(e.samples_per_design >= 2, source, "evaluation.samples_per_design", "≥ 2 (the energy score's spread "
-            "needs two samples)", e.samples_per_design)
     design_columns = getattr(cfg.data, "design_columns", None)  # parametric data only
+    require(e.samples_per_design >= 2 or (e.samples_per_design == 0 and design_columns is None), source,
+            "evaluation.samples_per_design", "≥ 2 (the energy score's spread needs two samples), or 0 to skip the "
+            "sample-based errors (image models)", e.samples_per_design)
     if design_columns is not None:
         require(len(design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
     if not cfg.data.conditions:

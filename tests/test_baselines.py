@@ -65,8 +65,11 @@ def test_baselines_see_the_models_masks(biked_slice, monkeypatch):
 
     monkeypatch.setattr(model, "generate", spy_generate)
     monkeypatch.setattr(forest, "predict", spy_predict)
-    table, validity = evaluation.sample_based_per_sparsity(model, design, cat, num, cfg, train=dm.tensors["train"][0],
-                                                           forest=forest, checks="bike")
+    levels_seen = []
+    table = evaluation.sample_based_per_sparsity(model, design, cat, num, cfg, train=dm.tensors["train"][0],
+                                                 name="sse", forest=forest,
+                                                 on_samples=lambda level, samples: levels_seen.append(
+                                                     (level, tuple(samples.shape))))
     assert len(seen["forest"]) == 3 and len(seen["model"]) == 3
     for level, ours, theirs in zip(cfg.sparsity_levels, seen["model"], seen["forest"]):
         k = cfg.samples_per_design  # the model gets each design's conditions k times in a row
@@ -74,7 +77,9 @@ def test_baselines_see_the_models_masks(biked_slice, monkeypatch):
         assert torch.equal(ours.numerical_mask[::k], theirs.numerical_mask)
         masked = (theirs.categorical == model.masking.mask_tokens).float().mean().item()
         assert masked == pytest.approx(level, abs=0.08)  # and these are the level's masks
-    assert list(table["sparsity"]) == [0.0, 0.5, 0.9, "mean"] and len(validity) == 4
+    assert list(table["sparsity"]) == [0.0, 0.5, 0.9, "mean"]
+    k = cfg.samples_per_design
+    assert levels_seen == [(level, (len(design), k, design.shape[1])) for level in cfg.sparsity_levels]
 
 
 def test_conditional_forest_uses_the_conditions(biked_frame, tmp_path):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_gpu_check_runs_every_model_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert [s["step"] for s in report["steps"]] == ["mcvae_train", "mcvae_sample", "conv_mcvae_train",
-                                                   "first_stage_train", "mcldm_train", "mcldm_sample", "bench_mcldm"]
+                                                   "conv_mcvae_paper_train", "first_stage_train", "mcldm_train", "mcldm_sample", "bench_mcldm"]
     assert all(s["status"] == "ok" for s in report["steps"])
     pictures = {p.name for p in out.glob("*.png")}
     assert pictures == {"mcvae_samples.png", "conv_mcvae_grid.png", "first_stage_reconstructions.png",
@@ -93,3 +94,22 @@ def test_gpu_check_runs_every_model_on_the_cpu(tmp_path):
     assert len(list(out.iterdir())) <= 8  # what the device machine returns
     assert set(report["bench_mcldm"]["variants"]) == {"authors", "eager"}
     assert (shared.stat().st_mtime_ns if shared.exists() else None) == before  # the shared export left alone
+
+
+def test_bench_conv_mcvae_times_the_variants_against_the_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "benchmarks/bench_conv_mcvae.py", "--configs", "conv_mcvae_biked_small",
+                           "--variants", "bf16,reference,channels_last", "--steps", "2", "--warmup", "1", "--batch", "8",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["reference", "bf16", "channels_last"]  # the reference first
+    reference = rows[0]
+    assert reference["speedup"] == 1.0 and reference["last_loss_rel_diff"] == 0.0
+    assert reference["image_size"] == 64 and reference["batch"] == 8 and reference["steps"] == 2
+    # the same weights, masks and noise: channels_last is the same maths, bf16 close to it
+    assert rows[2]["first_loss_rel_diff"] < 1e-4
+    assert 0 < rows[1]["first_loss_rel_diff"] < 0.05
+    for row in rows:
+        assert row["seconds_per_step"] > 0 and row["speedup"] == pytest.approx(
+            reference["seconds_per_step"] / row["seconds_per_step"])

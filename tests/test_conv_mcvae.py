@@ -90,3 +90,82 @@ def test_config_checks():
         build(48, levels=5)
     with pytest.raises(UserError, match="model.attention_levels must be levels in \\[0, 1\\]"):
         build(32, levels=2, attention_levels=[3])
+
+
+GENERATIVE = dict(reconstruction="gaussian_nll", decoder_sigma=0.2, kl_weight=0.5, prior="conditional",
+                  decoder_conditions="every_level", encoder_conditions=True)
+
+
+@pytest.mark.parametrize("options", [GENERATIVE, {**GENERATIVE, "decoder_sigma": None}])
+def test_the_generative_options_train_and_generate(options):
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0, **options)
+    images = (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1
+    cat, num = schema.encode(FRAME)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        out = model._step((images, cat, num), 0.1, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0] - 0.3 * abs(losses[0])
+    assert model.generate(model.masking.mask_all(3)).shape == (3, 1, 16, 16)
+    # a learned σ moves; a fixed one is a buffer at its value
+    if options["decoder_sigma"] is None:
+        assert isinstance(model.log_sigma, torch.nn.Parameter) and model.log_sigma.item() != pytest.approx(-2.302585)
+    else:
+        assert not isinstance(model.log_sigma, torch.nn.Parameter)
+        assert model.log_sigma.exp().item() == pytest.approx(0.2)
+
+
+def test_gaussian_nll_loss_is_half_the_negative_elbo_with_the_conditional_prior():
+    torch.manual_seed(0)
+    model, _ = build(16, levels=2, attention_levels=[], **GENERATIVE)
+    images, reconstruction = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    mu, logvar = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    prior = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    out = model.loss(images, reconstruction, mu, logvar, prior)
+    sigma = 0.2
+    nll = (0.5 * ((images - reconstruction) / sigma) ** 2 + torch.log(torch.tensor(sigma))).flatten(1).sum(1).mean()
+    var, prior_var = logvar.exp(), prior[1].exp()
+    kl = (0.5 * (prior[1] - logvar + (var + (mu - prior[0]) ** 2) / prior_var - 1)).flatten(1).sum(1).mean()
+    assert out["reconstruction"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.5 * (nll + kl).item(), rel=1e-5)
+
+
+def test_generation_draws_z_from_the_conditional_prior_and_every_level_sees_the_conditions():
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[], **GENERATIVE)
+    model.eval()
+    torch.nn.init.normal_(model.prior_net[-1].weight, std=0.5)  # a prior that depends on c
+    cat, num = schema.encode(FRAME)
+    conditions = model.mask(cat, num, 0.0)
+    eps = torch.randn(4, *model.latent_shape)
+    c = model.embed(conditions)
+    mu, logvar = model.prior(c)
+    assert mu.shape == logvar.shape == (4, *model.latent_shape)
+    expected = model.decode(mu + eps * torch.exp(0.5 * logvar), c)
+    assert torch.allclose(model.generate(conditions, z=eps), expected, atol=1e-6)
+    # the decoder's level inputs get a condition term: zeroing the per-level maps changes the output
+    z = torch.randn(4, *model.latent_shape)
+    before = model.decode(z, c)
+    with torch.no_grad():
+        for layer in model.level_conditions:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    assert not torch.allclose(before, model.decode(z, c))
+
+
+def test_the_encoder_sees_the_conditions_only_when_asked():
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    for encoder_conditions in (False, True):
+        model, schema = build(16, levels=2, attention_levels=[], encoder_conditions=encoder_conditions)
+        model.eval()
+        cat, num = schema.encode(FRAME)
+        known, masked = model.embed(model.mask(cat, num, 0.0)), model.embed(model.masking.mask_all(4))
+        differs = not torch.allclose(model.encode(images, known)[0], model.encode(images, masked)[0])
+        assert differs == encoder_conditions
