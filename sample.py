@@ -23,9 +23,6 @@ def parse_args(argv=None):
     p.add_argument("--singles", help="image models: also write each image as <folder>/<i>.png")
     p.add_argument("--plot", help="PNG file with the designs drawn in a grid")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--temperature", type=float,
-                   help="mcVAE: sampling temperature τ, z = μ_p(c) + τ·σ_p(c)·ε (default: the config's model.temperature; "
-                        "< 1: more typical, less varied designs; 0: one design per set of conditions)")
     add_device_argument(p)
     add_sampling_arguments(p)
     return p.parse_args(argv)
@@ -65,12 +62,6 @@ def main(argv=None):
     checkpoint = read_checkpoint(args.ckpt)
     _, model = spec_for(checkpoint, args.ckpt).load(checkpoint, with_data=False)
     apply_sampling_arguments(model, args)
-    if args.temperature is not None:
-        if not hasattr(model.cfg.model, "temperature"):
-            raise UserError(f"--temperature applies to mcVAE checkpoints; this one holds a '{model.model_type}' model.")
-        if args.temperature < 0:
-            raise UserError(f"--temperature must be ≥ 0, got {args.temperature}.")
-        model.cfg.model.temperature = args.temperature
     model.to(model_device(args.device))
     conditions = parse_conditions(args.condition, model.schema.names)
     asked = ", ".join(f"{k}={v}" for k, v in conditions.items()) or "no conditions (unconditional)"

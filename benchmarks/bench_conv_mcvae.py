@@ -12,7 +12,8 @@ Variants (each on a fresh model with the same seed; `reference` first, the base 
 - `channels_last`: NHWC weights and inputs;
 - `bf16`: the forward and loss under `torch.autocast("cpu", bfloat16)` (fast where the CPU has AVX512-BF16/AMX);
 - `compile`: `torch.compile` of forward + loss (the compile time is reported apart, in the warm-up);
-- `threads1`: one intra-op thread.
+- `threads1`: one intra-op thread;
+- combinations joined by `+`, such as `channels_last+compile`.
 
 "Equal results": every variant starts from the same weights and draws the same masks and noise; the table gives
 the relative difference of its loss after the timed steps from the reference's, and of its first-step loss.
@@ -70,11 +71,12 @@ def build(cfg_name: str, csv_path: str, batch: int):
 
 
 def run_variant(cfg_name: str, variant: str, args, steps: int) -> dict:
+    levers = set(variant.split("+"))
     cfg, model, (images, cat, num) = build(cfg_name, args.csv_path, args.batch)
-    threads = 1 if variant == "threads1" else (args.threads or cfg.trainer.num_threads or torch.get_num_threads())
+    threads = 1 if "threads1" in levers else (args.threads or cfg.trainer.num_threads or torch.get_num_threads())
     torch.set_num_threads(threads)
     model.train()
-    if variant == "channels_last":
+    if "channels_last" in levers:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     o = cfg.optimizer
@@ -82,10 +84,10 @@ def run_variant(cfg_name: str, variant: str, args, steps: int) -> dict:
     p = cfg.sparsity.initial
 
     def loss_of(step: int) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in levers):
             return model._step((images, cat, num), p, torch.Generator().manual_seed(step))["loss"]
 
-    forward = torch.compile(loss_of) if variant == "compile" else loss_of
+    forward = torch.compile(loss_of) if "compile" in levers else loss_of
     times, losses = [], []
     started = time.perf_counter()
     for step in range(args.warmup + steps):
@@ -108,7 +110,7 @@ def run_variant(cfg_name: str, variant: str, args, steps: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted({lever for v in variants for lever in v.split("+")} - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if "reference" in variants:  # the base of the ratios runs first

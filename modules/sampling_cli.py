@@ -2,7 +2,11 @@
 
 
 def add_sampling_arguments(parser) -> None:
-    """The diffusion sampling flags of sample.py and evaluate.py."""
+    """The sampling flags of sample.py and evaluate.py: the VAEs' temperature and the diffusion sampler's."""
+    parser.add_argument_group("VAEs (mcVAE, conv-mcVAE)").add_argument(
+        "--temperature", type=float,
+        help="sampling temperature τ, z = μ_p(c) + τ·σ_p(c)·ε (default: the config's model.temperature; < 1: more "
+             "typical, less varied designs; 0: one design per set of conditions)")
     g = parser.add_argument_group("diffusion models (mcLDM)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpm_solver", "unipc", "euler"],
                    help="default: the config's diffusion.sampler; dpm_solver (DPM-Solver++) and unipc need 10–20 steps")
@@ -14,9 +18,17 @@ def add_sampling_arguments(parser) -> None:
 
 
 def apply_sampling_arguments(model, args) -> None:
-    """Pass the sampling flags to an mcLDM; refuse them for models that do not diffuse."""
+    """Pass the sampling flags to the model; refuse the flags that do not apply to it."""
     from modules.errors import UserError
 
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None:
+        if not hasattr(model.cfg.model, "temperature"):
+            raise UserError(f"--temperature applies to VAE checkpoints (mcVAE, conv-mcVAE); this one holds a "
+                            f"'{model.model_type}' model.")
+        if temperature < 0:
+            raise UserError(f"--temperature must be ≥ 0, got {temperature}.")
+        model.cfg.model.temperature = temperature
     names = ("sampler", "steps", "eta", "cfg_scale", "sampling_precision")
     given = {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
     if not given:

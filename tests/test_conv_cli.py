@@ -110,6 +110,20 @@ def test_sample_and_evaluate(conv_run, tmp_path, capsys):
         mp.undo()
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "eval/mse_per_sparsity.csv"),
                                   pd.read_csv(run / "eval/mse_per_sparsity.csv"))
+    # --temperature 0: z is the prior's mean, so the images of one set of conditions are one image
+    assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(tmp_path / "t0.png"),
+                        "--singles", str(tmp_path / "t0"), "--temperature", "0"]) == 0
+    singles = [torch.from_numpy(__import__("numpy").asarray(Image.open(f))) for f in sorted((tmp_path / "t0").glob("*.png"))]
+    assert len(singles) == 4 and all(torch.equal(singles[0], other) for other in singles[1:])
+    mp.chdir(tmp)
+    try:
+        assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "eval_t0"), "--temperature", "0"]) == 0
+    finally:
+        mp.undo()
+    diversity = pd.read_csv(tmp_path / "eval_t0/diversity.csv").set_index("comparison")["generated"]
+    everything_masked = "all designs (generated: all conditions masked)"
+    assert diversity[everything_masked] == pytest.approx(0.0, abs=1e-4)  # one set of conditions: one image
+    assert pd.read_csv(run / "eval/diversity.csv").set_index("comparison")["generated"][everything_masked] > 0.1
 
 
 def test_missing_image_folder(tmp_path, capsys):

@@ -12,8 +12,8 @@ FRAME = pd.DataFrame({"style": ["ROAD", "MTB", "ROAD", "BMX"], "teeth": [50.0, 3
 SPECS = [ConditionSpec("style", "categorical"), ConditionSpec("teeth", "numerical")]
 
 
-def build(image_size=32, channels=1, **model):
-    raw = {"model_type": "conv_mcvae",
+def build(image_size=32, channels=1, speed=None, **model):
+    raw = {"model_type": "conv_mcvae", **({"speed": speed} if speed is not None else {}),
            "data": {"images_path": ".", "csv_path": "c.csv", "id_column": "id", "image_size": image_size,
                     "channels": channels, "conditions": [{"name": "style", "kind": "categorical"},
                                                          {"name": "teeth", "kind": "numerical"}]},
@@ -169,3 +169,42 @@ def test_the_encoder_sees_the_conditions_only_when_asked():
         known, masked = model.embed(model.mask(cat, num, 0.0)), model.embed(model.masking.mask_all(4))
         differs = not torch.allclose(model.encode(images, known)[0], model.encode(images, masked)[0])
         assert differs == encoder_conditions
+
+
+def test_channels_last_is_the_same_model_in_another_memory_layout():
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    outputs = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0, speed={"channels_last": channels_last},
+                              **GENERATIVE)
+        model.eval()
+        conv = model.from_latent.weight  # (out, in > 1, 3, 3): the layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        conditions = model.mask(*schema.encode(FRAME), 0.3, torch.Generator().manual_seed(0))
+        reconstruction, mu, _ = model(images, conditions, torch.Generator().manual_seed(1))
+        generated = model.generate(conditions, z=torch.zeros(4, *model.latent_shape))
+        assert generated.is_contiguous()  # NCHW out, whatever the layout inside
+        outputs[channels_last] = (reconstruction, mu, generated)
+    for a, b in zip(outputs[False], outputs[True]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,size,latent", [("conv_mcvae_biked_small", 64, (4, 8, 8)), ("conv_mcvae_biked", 256, (4, 8, 8)),
+                                              ("conv_mcvae_biked_paper", 256, (4, 8, 8))])
+def test_shipped_configs_load_and_build(name, size, latent):
+    from modules.config import config_path, read_yaml
+
+    path = config_path(name, None)
+    cfg = build_dataclass(ConvMCVAERunConfig, read_yaml(path), source=str(path))
+    check_conv_mcvae_config(cfg, str(path))
+    assert cfg.data.image_size == size
+    generative = name != "conv_mcvae_biked_paper"  # the paper's objective is kept to reproduce its tables
+    assert (cfg.model.reconstruction == "gaussian_nll") == generative
+    assert (cfg.model.prior == "conditional") == generative
+    frame = pd.DataFrame({c.name: ["a", "b"] if c.kind == "categorical" and not c.categories else
+                          ([c.categories[0], c.categories[-1]] if c.kind == "categorical" else [1.0, 2.0])
+                          for c in cfg.data.conditions})
+    schema = ConditionSchema.fit(cfg.data.conditions, frame, fixed_vocabularies=cfg.data.vocabularies)
+    model = ConvMCVAE(config=to_dict(cfg), schema=schema.state_dict())
+    assert model.latent_shape == latent
