@@ -54,10 +54,15 @@ class ConvMCVAEModelConfig:
     # condition embedding, so that sampled latents agree with the conditions asked for
     prior: Literal["standard", "conditional"] = "standard"
     prior_hidden_dim: int = 128
-    # latent: the mapped condition concatenated to z only (the paper); every_level: also added to the input of
-    # every decoder level (a Linear of the embedding per level, the same as concatenating it broadcast and a 1×1
-    # conv), so the condition reaches the fine resolutions directly
-    decoder_conditions: Literal["latent", "every_level"] = "latent"
+    # latent: the mapped condition concatenated to z only (the paper); every_level: also a 1×1 conv of it added to
+    # the input of every decoder level (the same as concatenating it and a 1×1 conv), so the condition reaches the
+    # fine resolutions directly; film: every level's input scaled and shifted by it, h·(1 + γ(c)) + β(c)
+    # (feature-wise modulation, Perez et al. 2018), which can switch features on and off
+    decoder_conditions: Literal["latent", "every_level", "film"] = "latent"
+    # broadcast: the mapped condition is one vector copied to every position of the latent grid (the paper);
+    # spatial: a map over the grid (a Linear to condition_channels × side × side), so a condition can say *where*
+    # (the fork sits at the front wheel); upsampled (nearest) to each decoder level
+    condition_layout: Literal["broadcast", "spatial"] = "broadcast"
     # the encoder sees the masked conditions too, q(z | x, c) (a CVAE): z need not carry what c says
     encoder_conditions: bool = False
     temperature: float = 1.0  # z = μ_p + τ·σ_p·ε at generation; < 1 trades diversity for typical images
@@ -159,9 +164,10 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         encoder_extra = m.condition_channels if m.encoder_conditions else 0
         self.to_posterior = nn.Sequential(group_norm(previous + encoder_extra), act(),
                                           nn.Conv2d(previous + encoder_extra, 2 * m.latent_channels, 1))
-        # condition → channels, normalised, broadcast over the latent grid
-        self.condition_map = nn.Sequential(nn.Linear(self.embedding.out_dim, m.condition_channels),
-                                           nn.LayerNorm(m.condition_channels))
+        # condition → channels (broadcast over the latent grid) or a map over the grid, normalised
+        side = d.image_size // 2 ** m.levels
+        mapped = m.condition_channels * (side * side if m.condition_layout == "spatial" else 1)
+        self.condition_map = nn.Sequential(nn.Linear(self.embedding.out_dim, mapped), nn.LayerNorm(mapped))
         # decoder (mirror, learned upsampling)
         self.from_latent = nn.Conv2d(m.latent_channels + m.condition_channels, widths[-1], 3, padding=1)
         up = []
@@ -170,12 +176,19 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
             up.append(nn.Sequential(_level(width, width, m, act, i in m.attention_levels),
                                     nn.ConvTranspose2d(width, below, 4, stride=2, padding=1)))
         self.up = nn.ModuleList(up)
-        # every_level: one Linear of the mapped condition per decoder level (to that level's input channels)
-        self.level_conditions = (nn.ModuleList(nn.Linear(m.condition_channels, widths[i]) for i in reversed(range(m.levels)))
-                                 if m.decoder_conditions == "every_level" else None)
+        # every_level / film: a 1×1 conv of the mapped condition per decoder level, to that level's input channels
+        # (film: γ and β, zero-initialised so that training starts from the unmodulated decoder)
+        per_level = {"every_level": 1, "film": 2}.get(m.decoder_conditions)
+        self.level_conditions = None
+        if per_level:
+            self.level_conditions = nn.ModuleList(nn.Conv2d(m.condition_channels, per_level * widths[i], 1)
+                                                  for i in reversed(range(m.levels)))
+            if m.decoder_conditions == "film":
+                for conv in self.level_conditions:
+                    nn.init.zeros_(conv.weight)
+                    nn.init.zeros_(conv.bias)
         self.head = nn.Sequential(group_norm(m.image_embedding_dim), act(),
                                   nn.Conv2d(m.image_embedding_dim, d.channels, 3, padding=1))
-        side = d.image_size // 2 ** m.levels
         self.prior_net = (nn.Sequential(nn.Linear(self.embedding.out_dim, m.prior_hidden_dim), act(),
                                         nn.Linear(m.prior_hidden_dim, 2 * m.latent_channels * side * side))
                           if m.prior == "conditional" else None)
@@ -215,8 +228,7 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         for level in self.down:
             h = level(h)
         if self.cfg.model.encoder_conditions:
-            mapped = self.condition_map(c)
-            h = torch.cat([h, mapped[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+            h = torch.cat([h, self._condition_grid(self.condition_map(c), h.shape[-1])], dim=1)
         mu, logvar = self.to_posterior(h).chunk(2, dim=1)
         return mu, logvar
 
@@ -232,13 +244,32 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         """p(x | z, c) from the condition embedding c; `averaged` uses the EMA weights when the model keeps them."""
         parts = self.ema.shadow if averaged and self.ema is not None else self.generative_modules()
         c = parts["condition_map"](c)
-        h = torch.cat([z, c[:, :, None, None].expand(-1, -1, *z.shape[2:])], dim=1)
+        h = torch.cat([z, self._condition_grid(c, z.shape[-1])], dim=1)
         h = parts["from_latent"](h.contiguous(memory_format=self.memory_format))
+        film = self.cfg.model.decoder_conditions == "film"
         for i, level in enumerate(parts["up"]):
             if "level_conditions" in parts:
-                h = h + parts["level_conditions"][i](c)[:, :, None, None]
+                injected = parts["level_conditions"][i](self._condition_grid(c, h.shape[-1]))
+                if film:
+                    gamma, beta = injected.chunk(2, dim=1)
+                    h = h * (1 + gamma) + beta
+                else:
+                    h = h + injected
             h = level(h)
         return parts["head"](h).contiguous()  # NCHW out: callers index and save images
+
+    def _condition_grid(self, mapped: torch.Tensor, size: int) -> torch.Tensor:
+        """The mapped condition as a (B, condition_channels, size, size) grid: a broadcast vector, or the spatial map
+        upsampled (nearest) from the latent grid."""
+        m = self.cfg.model
+        if m.condition_layout == "broadcast":
+            grid = mapped[:, :, None, None].expand(-1, -1, size, size)
+        else:
+            side = self.latent_shape[1]
+            grid = mapped.reshape(len(mapped), m.condition_channels, side, side)
+            if size != side:
+                grid = F.interpolate(grid, size=(size, size), mode="nearest")
+        return grid.contiguous(memory_format=self.memory_format)
 
     def loss(self, images, reconstruction, mu, logvar, prior=None) -> dict[str, torch.Tensor]:
         """(1 − w)·rec + w·KL. mse (the paper's): pixel MSE and the KL per latent element, both mean-reduced.

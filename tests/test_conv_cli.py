@@ -113,7 +113,7 @@ def test_sample_and_evaluate(conv_run, tmp_path, capsys):
     # --temperature 0: z is the prior's mean, so the images of one set of conditions are one image
     assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(tmp_path / "t0.png"),
                         "--singles", str(tmp_path / "t0"), "--temperature", "0"]) == 0
-    singles = [torch.from_numpy(__import__("numpy").asarray(Image.open(f))) for f in sorted((tmp_path / "t0").glob("*.png"))]
+    singles = [torch.tensor(__import__("numpy").array(Image.open(f))) for f in sorted((tmp_path / "t0").glob("*.png"))]
     assert len(singles) == 4 and all(torch.equal(singles[0], other) for other in singles[1:])
     mp.chdir(tmp)
     try:

@@ -96,7 +96,8 @@ GENERATIVE = dict(reconstruction="gaussian_nll", decoder_sigma=0.2, kl_weight=0.
                   decoder_conditions="every_level", encoder_conditions=True)
 
 
-@pytest.mark.parametrize("options", [GENERATIVE, {**GENERATIVE, "decoder_sigma": None}])
+@pytest.mark.parametrize("options", [GENERATIVE, {**GENERATIVE, "decoder_sigma": None},
+                                     {**GENERATIVE, "decoder_conditions": "film", "condition_layout": "spatial"}])
 def test_the_generative_options_train_and_generate(options):
     torch.manual_seed(0)
     model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0, **options)
@@ -208,3 +209,23 @@ def test_shipped_configs_load_and_build(name, size, latent):
     schema = ConditionSchema.fit(cfg.data.conditions, frame, fixed_vocabularies=cfg.data.vocabularies)
     model = ConvMCVAE(config=to_dict(cfg), schema=schema.state_dict())
     assert model.latent_shape == latent
+
+
+def test_a_spatial_condition_map_varies_over_the_grid_and_film_starts_as_the_plain_decoder():
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[], **{**GENERATIVE, "decoder_conditions": "film",
+                                                                 "condition_layout": "spatial"})
+    model.eval()
+    c = model.embed(model.mask(*schema.encode(FRAME), 0.0))
+    grid = model._condition_grid(model.condition_map(c), 4)
+    assert grid.shape == (4, 10, 4, 4) and not torch.allclose(grid[:, :, 0, 0], grid[:, :, 3, 3])
+    fine = model._condition_grid(model.condition_map(c), 8)  # nearest upsampling to a decoder level
+    assert torch.equal(fine[:, :, ::2, ::2], grid) and torch.equal(fine[:, :, 1::2, 1::2], grid)
+    # γ = β = 0 at the start: the same images as a decoder without modulation
+    z = torch.randn(4, *model.latent_shape)
+    modulated = model.decode(z, c)
+    model.cfg.model.decoder_conditions = "latent"
+    parts = model.level_conditions
+    model.level_conditions = None
+    assert torch.allclose(modulated, model.decode(z, c), atol=1e-6)
+    model.level_conditions = parts
