@@ -234,7 +234,15 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         return embedding(conditions)
 
     def prior(self, c: torch.Tensor, *, averaged: bool = False):
-        return None
+        """(μ_p, log σ_p²) of p(z | c), each of `latent_shape`, from the subclass's `prior_net` (c → both,
+        flattened; the EMA copy with `averaged`); None for N(0, I) (no prior_net, or None)."""
+        live = getattr(self, "prior_net", None)  # not a class attribute: nn.Module keeps modules in _modules
+        if live is None:
+            return None
+        prior_net = self.ema.shadow["prior_net"] if averaged and self.ema is not None else live
+        out = prior_net(c).reshape(len(c), 2 * self.latent_shape[0], *self.latent_shape[1:])
+        mu, logvar = out.chunk(2, dim=1)
+        return mu, logvar
 
     @property
     def temperature(self) -> float:

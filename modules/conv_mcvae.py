@@ -232,14 +232,6 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         mu, logvar = self.to_posterior(h).chunk(2, dim=1)
         return mu, logvar
 
-    def prior(self, c: torch.Tensor, *, averaged: bool = False):
-        """(μ_p, log σ_p²) of p(z | c), each of the latent's shape, for a conditional prior; None for N(0, I)."""
-        if self.prior_net is None:
-            return None
-        prior_net = self.ema.shadow["prior_net"] if averaged and self.ema is not None else self.prior_net
-        mu, logvar = prior_net(c).reshape(len(c), 2 * self.latent_shape[0], *self.latent_shape[1:]).chunk(2, dim=1)
-        return mu, logvar
-
     def decode(self, z: torch.Tensor, c: torch.Tensor, *, averaged: bool = False) -> torch.Tensor:
         """p(x | z, c) from the condition embedding c; `averaged` uses the EMA weights when the model keeps them."""
         parts = self.ema.shadow if averaged and self.ema is not None else self.generative_modules()
@@ -249,7 +241,11 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         film = self.cfg.model.decoder_conditions == "film"
         for i, level in enumerate(parts["up"]):
             if "level_conditions" in parts:
-                injected = parts["level_conditions"][i](self._condition_grid(c, h.shape[-1]))
+                conv = parts["level_conditions"][i]
+                if self.cfg.model.condition_layout == "broadcast":  # the 1×1 conv of a constant grid, per vector
+                    injected = F.linear(c, conv.weight.flatten(1), conv.bias)[:, :, None, None]
+                else:
+                    injected = conv(self._condition_grid(c, h.shape[-1]))
                 if film:
                     gamma, beta = injected.chunk(2, dim=1)
                     h = h * (1 + gamma) + beta

@@ -353,8 +353,7 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
     scale = "whole data file" if cfg.error_scale == "dataset" else "training split"
     k = cfg.samples_per_design
-    printed = {"mse_per_sparsity": _short(tables["mse_per_sparsity"], MODEL_COLUMNS),
-               "baselines": _short(tables["mse_per_sparsity"], BASELINE_COLUMNS)}
+    printed = printed_tables(tables["mse_per_sparsity"], "sse")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
         "mse_per_sparsity": f"Errors per evaluation sparsity on the {split} split ({len(design)} designs; min-max scale "
                             f"of the {scale}). single_z: the paper's protocol (one z for every design); prior: a z per "
@@ -370,12 +369,16 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
     return tables
 
 
-# printed column → table column (the CSV keeps the long names)
-MODEL_COLUMNS = {"sparsity": "sparsity", "single_z": "sse_paper", "prior": "sse_prior", "prior_sd": "sse_prior_std",
-                 "ES": "energy_score", "mean_of_k": "sse_mean_of_k", "best_of_k": "sse_best_of_k"}
-BASELINE_COLUMNS = {"sparsity": "sparsity", "train_mean": "train_mean_sse", "forest": "conditional_forest_sse",
-                    "ES train_mean": "train_mean_energy_score", "ES forest": "conditional_forest_energy_score",
-                    "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
+def printed_tables(table: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
+    """The error table as printed, with short column names (the CSV keeps the long ones): the model's errors and,
+    apart, the baselines' (`name`: the error, sse or mse; columns a table lacks are left out)."""
+    model = {"sparsity": "sparsity", "single_z": f"{name}_paper", "prior": f"{name}_prior",
+             "prior_sd": f"{name}_prior_std", "ES": "energy_score", "mean_of_k": f"{name}_mean_of_k",
+             "best_of_k": f"{name}_best_of_k"}
+    baselines = {"sparsity": "sparsity", "train_mean": f"train_mean_{name}", "forest": f"conditional_forest_{name}",
+                 "ES train_mean": "train_mean_energy_score", "ES forest": "conditional_forest_energy_score",
+                 "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
+    return {"mse_per_sparsity": _short(table, model), "baselines": _short(table, baselines)}
 
 
 def _short(table: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
-from modules.evaluation import (_chunked_mean, _Progress, _short, diversity, error_per_sparsity, evaluation_inputs,
-                                level_masks, mask_draws, publish, sample_based_per_sparsity, save_tables)
+from modules.evaluation import (_chunked_mean, _Progress, diversity, error_per_sparsity, evaluation_inputs,
+                                level_masks, mask_draws, printed_tables, publish, sample_based_per_sparsity,
+                                save_tables)
 from modules.image_data import from_model_range, to_model_range
 
 
@@ -161,8 +162,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     if "fid" in tables:
         summary["fid"] = tables["fid"].to_dict(orient="records")
     k = cfg.samples_per_design
-    printed = {"mse_per_sparsity": _short(tables["mse_per_sparsity"], IMAGE_MODEL_COLUMNS),
-               "baselines": _short(tables["mse_per_sparsity"], IMAGE_BASELINE_COLUMNS)}
+    printed = printed_tables(tables["mse_per_sparsity"], "mse")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
         "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) per evaluation sparsity on the {split} "
                             f"split, {len(images)} images. single_z: the paper's protocol (one z / x_T for every "
@@ -179,14 +179,6 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         "fid": "Fréchet distance of generated to real test images per sparsity (features named):"},
         footer=" (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")
     return tables
-
-
-# printed column → table column (the CSV keeps the long names)
-IMAGE_MODEL_COLUMNS = {"sparsity": "sparsity", "single_z": "mse_paper", "prior": "mse_prior",
-                       "prior_sd": "mse_prior_std", "ES": "energy_score", "mean_of_k": "mse_mean_of_k",
-                       "best_of_k": "mse_best_of_k"}
-IMAGE_BASELINE_COLUMNS = {"sparsity": "sparsity", "train_mean": "train_mean_mse", "ES train_mean": "train_mean_energy_score",
-                          "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
 
 
 class SampleGridCallback(pl.Callback):

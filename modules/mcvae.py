@@ -207,14 +207,6 @@ class MCVAE(MaskedConditionalVAE):
         mu, logvar = self.to_posterior(self.encoder(design)).chunk(2, dim=1)
         return mu, logvar
 
-    def prior(self, c: torch.Tensor, *, averaged: bool = False):
-        """(μ_p, log σ_p²) of p(z | c) for a conditional prior; None for N(0, I)."""
-        if self.prior_net is None:
-            return None
-        prior_net = self.ema.shadow["prior_net"] if averaged and self.ema is not None else self.prior_net
-        mu, logvar = prior_net(c).chunk(2, dim=1)
-        return mu, logvar
-
     def decode(self, z: torch.Tensor, c: torch.Tensor, *, averaged: bool = False) -> torch.Tensor:
         """p(x | z, c) from the condition embedding c; `averaged` uses the EMA weights when the model keeps them."""
         decoder = self.ema.shadow["decoder"] if averaged and self.ema is not None else self.decoder

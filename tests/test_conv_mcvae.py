@@ -69,19 +69,25 @@ def test_conditions_change_the_generated_images():
     assert not torch.allclose(images[0], images[1])  # ROAD vs MTB from the same z
 
 
-def test_a_few_steps_reduce_the_loss():
-    torch.manual_seed(0)
-    model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0)
+def train_steps(model, schema, key: str, steps: int = 40) -> list[float]:
+    """`steps` Adam steps on 4 binary 16 px images; the `key` term of the loss after each."""
     images = (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1
     cat, num = schema.encode(FRAME)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(40):
+    for step in range(steps):
         out = model._step((images, cat, num), 0.1, torch.Generator().manual_seed(step))
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        losses.append(out["reconstruction"].item())
+        losses.append(out[key].item())
+    return losses
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0)
+    losses = train_steps(model, schema, "reconstruction")
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -101,16 +107,7 @@ GENERATIVE = dict(reconstruction="gaussian_nll", decoder_sigma=0.2, kl_weight=0.
 def test_the_generative_options_train_and_generate(options):
     torch.manual_seed(0)
     model, schema = build(16, levels=2, attention_levels=[1], dropout=0.0, **options)
-    images = (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1
-    cat, num = schema.encode(FRAME)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(40):
-        out = model._step((images, cat, num), 0.1, torch.Generator().manual_seed(step))
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(out["loss"].item())
+    losses = train_steps(model, schema, "loss")
     assert losses[-1] < losses[0] - 0.3 * abs(losses[0])
     assert model.generate(model.masking.mask_all(3)).shape == (3, 1, 16, 16)
     # a learned σ moves; a fixed one is a buffer at its value
@@ -229,3 +226,21 @@ def test_a_spatial_condition_map_varies_over_the_grid_and_film_starts_as_the_pla
     model.level_conditions = None
     assert torch.allclose(modulated, model.decode(z, c), atol=1e-6)
     model.level_conditions = parts
+
+
+def test_the_broadcast_condition_shortcut_is_the_1x1_conv_of_the_broadcast_grid():
+    """Broadcast conditions skip the grid: each level's 1×1 conv is applied to the vector. The decoder must give
+    what the conv over the materialised grid gives."""
+    torch.manual_seed(0)
+    model, schema = build(16, levels=2, attention_levels=[], dropout=0.0, **GENERATIVE)
+    model.eval()
+    with torch.no_grad():
+        for conv in model.level_conditions:
+            conv.bias.normal_()
+    c = model.embed(model.mask(*schema.encode(FRAME), 0.0))
+    z = torch.randn(4, *model.latent_shape)
+    mapped = model.condition_map(c)
+    h = model.from_latent(torch.cat([z, model._condition_grid(mapped, z.shape[-1])], dim=1))
+    for conv, level in zip(model.level_conditions, model.up):
+        h = level(h + conv(model._condition_grid(mapped, h.shape[-1])))
+    assert torch.allclose(model.decode(z, c), model.head(h), atol=1e-5)
