@@ -250,20 +250,31 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         return float(getattr(self.cfg.model, "temperature", 1.0))
 
     def _reconstruct(self, x, c: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """(x̂, μ, log σ², z) with z drawn from q(z | x(, c))."""
         mu, logvar = self.encode(x, c)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
-        return self.decode(z, c), mu, logvar
+        return self.decode(z, c), mu, logvar, z
 
     def forward(self, x, conditions: MaskedConditions, generator: Optional[torch.Generator] = None):
         """(x̂, μ, log σ²) of a design and its masked conditions."""
-        return self._reconstruct(x, self.embed(conditions), generator)
+        return self._reconstruct(x, self.embed(conditions), generator)[:3]
 
     def _step(self, batch, p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x, cat, num = batch
-        c = self.embed(self.mask(cat, num, p, generator))
-        reconstruction, mu, logvar = self._reconstruct(x, c, generator)
-        return self.loss(x, reconstruction, mu, logvar, self.prior(c))
+        masked = self.mask(cat, num, p, generator)
+        c = self.embed(masked)
+        reconstruction, mu, logvar, z = self._reconstruct(x, c, generator)
+        out = self.loss(x, reconstruction, mu, logvar, self.prior(c))
+        for name, (value, weight) in self.auxiliary_losses(x, cat, num, masked, c, z, generator).items():
+            out["loss"] = out["loss"] + weight * value
+            out[name] = value
+        return out
+
+    def auxiliary_losses(self, x, cat, num, masked: MaskedConditions, c, z, generator) -> dict:
+        """name → (loss, weight) added to the VAE loss, each logged under its name (the conv-mcVAE's condition
+        critic); x, cat, num: the batch; masked / c: its masked conditions and their embedding; z ~ q(z | x)."""
+        return {}
 
     @torch.no_grad()
     def generate(self, conditions: MaskedConditions, z: Optional[torch.Tensor] = None,

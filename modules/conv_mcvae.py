@@ -10,6 +10,11 @@ times one pixel's squared error: the posterior collapses to the prior and the de
 per set of conditions. The options below make it a generative model, as for the mcVAE (README, "Generative
 defaults"): the ELBO of a Gaussian decoder (`reconstruction: gaussian_nll`), a conditional prior p(z | c), and the
 condition at every decoder level (`decoder_conditions: every_level`, as the mcLDM's UNet).
+
+Under the ELBO alone the decoder still reads the conditions from z, where the encoder always writes them, rather
+than from c: samples drew the majority fork and rim whatever was asked. The condition critic
+(`modules/condition_critic.py`, `critic_*` options) makes images decoded from z ~ p(z | c) show c. The training
+step is `MaskedConditioningModule.training_step` → `MaskedConditionalVAE._step` (+ `auxiliary_losses` here).
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ from modules.mcvae import ACTIVATIONS, gaussian_nll, kl_divergence
 @dataclass
 class ConvMCVAEModelConfig:
     image_embedding_dim: int = 16  # channels of the stem conv
+    # 1: the paper's encoder, level i at size / 2^i; 2: a stride-2 stem, so the encoder's levels run at the
+    # decoder's sizes (size / 2^(i+1); the last level does not downsample) for about a quarter of its FLOPs
+    stem_stride: Literal[1, 2] = 1
     start_channels: int = 16  # channels of level 0; level i has start_channels · 2^i
     levels: int = 5  # each level halves the resolution: 256 px → 8×8 latents with 5 levels
     blocks_per_level: int = 2
@@ -66,6 +74,21 @@ class ConvMCVAEModelConfig:
     # the encoder sees the masked conditions too, q(z | x, c) (a CVAE): z need not carry what c says
     encoder_conditions: bool = False
     temperature: float = 1.0  # z = μ_p + τ·σ_p·ε at generation; < 1 trades diversity for typical images
+    # > 0: images decoded from z ~ p(z | c) for the first `critic_batch` rows of a batch must show their visible
+    # conditions to a critic CNN that learns them from the real images of the step; the weight of that loss
+    # (modules/condition_critic.py). Without it the decoder reads the conditions from z and samples ignore c
+    critic_weight: float = 0.0
+    critic_batch: int = 32
+    critic_width: int = 16  # channels of the critic's first conv
+    # > 0: the critic also tells real from generated images and the generator is pushed (this weight) to make its
+    # samples pass for real (a GAN loss on the prior's samples; the reconstructions keep the ELBO)
+    critic_realism_weight: float = 0.0
+    # α: the generator's cross-entropy of a row weighs its asked category's training frequency^−α, so rare
+    # categories (a seat-tube bottle: 9 %, a disc rim: 4 %) count for more (0: plain; 1: every category alike)
+    critic_balance: float = 0.0
+    # the generator's 1 − R² of a numerical condition against a categorical one's cross-entropy (a chainring of
+    # 2–4 px is a faint ring at 64 px: its term is small beside the rest)
+    critic_numerical_weight: float = 1.0
     ema_decay: Optional[float] = None
 
 
@@ -108,6 +131,12 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
     require(m.decoder_sigma is None or m.decoder_sigma > 0, source, "model.decoder_sigma", "> 0 or null",
             m.decoder_sigma)
     require(m.prior_hidden_dim >= 1, source, "model.prior_hidden_dim", "≥ 1", m.prior_hidden_dim)
+    require(m.critic_weight >= 0, source, "model.critic_weight", "≥ 0 (0: no critic)", m.critic_weight)
+    require(m.critic_realism_weight >= 0, source, "model.critic_realism_weight", "≥ 0", m.critic_realism_weight)
+    require(m.critic_numerical_weight >= 0, source, "model.critic_numerical_weight", "≥ 0", m.critic_numerical_weight)
+    require(0 <= m.critic_balance <= 1, source, "model.critic_balance", "in [0, 1]", m.critic_balance)
+    for key in ("critic_batch", "critic_width"):
+        require(getattr(m, key) >= 1, source, f"model.{key}", "≥ 1", getattr(m, key))
     require(m.temperature >= 0, source, "model.temperature", "≥ 0 (0: the prior mean)", m.temperature)
     require(m.ema_decay is None or 0 < m.ema_decay < 1, source, "model.ema_decay", "in (0, 1) or null", m.ema_decay)
     check_sample_grid(cfg, source)
@@ -154,10 +183,15 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         act = ACTIVATIONS[m.activation]
         widths = [m.start_channels * 2 ** i for i in range(m.levels)]
         # encoder
-        self.stem = nn.Conv2d(d.channels, m.image_embedding_dim, 3, padding=1)
+        if m.stem_stride == 2:
+            self.stem = nn.Conv2d(d.channels, m.image_embedding_dim, 4, stride=2, padding=1)
+        else:
+            self.stem = nn.Conv2d(d.channels, m.image_embedding_dim, 3, padding=1)
         down, previous = [], m.image_embedding_dim
         for i, width in enumerate(widths):
+            last_without_downsampling = m.stem_stride == 2 and i == len(widths) - 1
             down.append(nn.Sequential(_level(previous, width, m, act, i in m.attention_levels),
+                                      nn.Identity() if last_without_downsampling else
                                       nn.Conv2d(width, width, 3, stride=2, padding=1)))
             previous = width
         self.down = nn.ModuleList(down)
@@ -202,6 +236,13 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
             fixed = m.reconstruction == "gaussian_nll"
             self.register_buffer("log_sigma", torch.full((1,), math.log(m.decoder_sigma)) if fixed else None,
                                  persistent=False)
+        self.condition_critic = None
+        if m.critic_weight > 0:
+            from modules.condition_critic import ConditionCritic
+
+            self.condition_critic = ConditionCritic(d.channels, self.schema, width=m.critic_width, image_size=d.image_size,
+                                                    realism=m.critic_realism_weight > 0, balance=m.critic_balance,
+                                                    numerical_weight=m.critic_numerical_weight)
         self.memory_format = torch.channels_last if self.cfg.speed.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # before the EMA copy, which keeps the layout
         self.enable_ema(m.ema_decay)
@@ -266,6 +307,23 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
             if size != side:
                 grid = F.interpolate(grid, size=(size, size), mode="nearest")
         return grid.contiguous(memory_format=self.memory_format)
+
+    def auxiliary_losses(self, x, cat, num, masked, c, z, generator) -> dict:
+        out = super().auxiliary_losses(x, cat, num, masked, c, z, generator)
+        if self.condition_critic is None:
+            return out
+        m = self.cfg.model
+        n = min(m.critic_batch, len(x))
+        asked, c_asked = masked.rows(0, n), c[:n]
+        eps = torch.randn((n, *self.latent_shape), generator=generator, device=x.device, dtype=x.dtype)
+        prior = self.prior(c_asked)
+        z_prior = eps if prior is None else prior[0] + eps * torch.exp(0.5 * prior[1])
+        generated = self.decode(z_prior, c_asked)
+        critic, generator_loss, realism = self.condition_critic.losses(x, cat, num, generated, asked)
+        out = {**out, "critic": (critic, 1.0), "critic_generator": (generator_loss, m.critic_weight)}
+        if realism is not None:
+            out["critic_realism"] = (realism, m.critic_realism_weight)
+        return out
 
     def loss(self, images, reconstruction, mu, logvar, prior=None) -> dict[str, torch.Tensor]:
         """(1 − w)·rec + w·KL. mse (the paper's): pixel MSE and the KL per latent element, both mean-reduced.

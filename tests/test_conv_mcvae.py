@@ -244,3 +244,36 @@ def test_the_broadcast_condition_shortcut_is_the_1x1_conv_of_the_broadcast_grid(
     for conv, level in zip(model.level_conditions, model.up):
         h = level(h + conv(model._condition_grid(mapped, h.shape[-1])))
     assert torch.allclose(model.decode(z, c), model.head(h), atol=1e-5)
+
+
+def test_a_stride_2_stem_runs_the_encoder_at_the_decoder_sizes_for_a_fraction_of_the_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sizes, flops = {}, {}
+    for stride in (1, 2):
+        torch.manual_seed(0)
+        model, schema = build(32, levels=3, attention_levels=[], stem_stride=stride)
+        images = torch.rand(2, 1, 32, 32) * 2 - 1
+        seen = []
+        hooks = [level[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1])) for level in model.down]
+        c = model.embed(model.mask(*schema.encode(FRAME.head(2)), 0.0))
+        with FlopCounterMode(display=False) as counter:
+            mu, logvar = model.encode(images, c)
+        for hook in hooks:
+            hook.remove()
+        assert mu.shape == logvar.shape == (2, *model.latent_shape) == (2, 4, 4, 4)
+        sizes[stride], flops[stride] = seen, counter.get_total_flops()
+    assert sizes[1] == [32, 16, 8]  # the paper's: level i at size / 2^i
+    assert sizes[2] == [16, 8, 4]  # the decoder's levels run at 4, 8, 16 before the last upsampling
+    assert flops[2] < 0.35 * flops[1]
+
+
+def test_the_critic_options_are_checked():
+    with pytest.raises(UserError, match="model.critic_weight must be ≥ 0"):
+        build(16, levels=2, attention_levels=[], critic_weight=-1.0)
+    with pytest.raises(UserError, match="model.critic_balance must be in \\[0, 1\\]"):
+        build(16, levels=2, attention_levels=[], critic_balance=1.5)
+    with pytest.raises(UserError, match="model.critic_batch must be ≥ 1"):
+        build(16, levels=2, attention_levels=[], critic_weight=1.0, critic_batch=0)
+    with pytest.raises(UserError, match="model.stem_stride"):
+        build(16, levels=2, attention_levels=[], stem_stride=3)
