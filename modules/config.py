@@ -148,6 +148,9 @@ class EvaluationConfig:
     diversity_groups: int = 50  # condition groups used for the diversity comparison
     diversity_samples: int = 16  # designs generated per group
     max_images: Optional[int] = None  # image models: evaluate the first N images of the split (null = all)
+    # image models: test rows generated per category of each categorical condition for the asked-for adherence
+    # (that condition set to the category, the rest kept; 0 skips it: it costs Σ categories × rows samplings)
+    asked_for_rows: int = 200
     # image models: Fréchet distance per sparsity with Inception-v3 (needs torch-fidelity and the weights file
     # below), the adherence classifier's features (this data set only), auto (Inception when present), or none
     fid: Literal["auto", "inception", "classifier", "none"] = "auto"

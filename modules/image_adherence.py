@@ -153,3 +153,93 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
         for name, value in _scores(schema, _predict(classifier, generated), cat, num, keep_cat, keep_num).items():
             rows[name][f"{level:g}"] = value
     return pd.DataFrame(list(rows.values()))
+
+
+@torch.no_grad()
+def nearest_image_adherence(generated: torch.Tensor, images: torch.Tensor, cat: torch.Tensor, num: torch.Tensor,
+                            train_images: torch.Tensor, train_cat: torch.Tensor, train_num: torch.Tensor, schema,
+                            *, chunk: int = 512) -> pd.DataFrame:
+    """Adherence without a network: each image's nearest training image (pixel L2, model value range) lends its
+    conditions as the prediction. A generator cannot win this by drawing what one classifier's features respond
+    to; it has to draw bikes like the real ones that have the asked conditions. `real`: the same for the real
+    test images (the reference); `generated`: images generated from the same rows' conditions, none masked.
+    Accuracy for categorical conditions, R² for numerical ones, over the rows where both values are known."""
+    def nearest(queries: torch.Tensor) -> torch.Tensor:
+        flat = queries.flatten(1).float()
+        best = torch.full((len(flat),), float("inf"), device=flat.device)
+        index = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
+        for start in range(0, len(train_images), chunk):
+            block = train_images[start:start + chunk].flatten(1).float().to(flat.device)
+            distance, position = torch.cdist(flat, block).min(dim=1)
+            closer = distance < best
+            best, index = torch.where(closer, distance, best), torch.where(closer, position + start, index)
+        return index
+
+    tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
+    train_tokens = tokens.to(train_cat.device)
+    rows = []
+    neighbours = {"real": nearest(images), "generated": nearest(generated)}
+    majority = majority_per_condition(schema, cat, num, train_cat, train_num)
+    for j, cond in enumerate(schema.categorical):
+        row = {"condition": cond.name, "metric": "accuracy", "majority": majority[cond.name]}
+        for name, index in neighbours.items():
+            lent = train_cat[index.to(train_cat.device), j].to(cat.device)
+            keep = (cat[:, j] != tokens[j]) & (lent != train_tokens[j].to(cat.device))
+            row[name] = float((lent[keep] == cat[keep, j]).float().mean()) if keep.any() else float("nan")
+            row[f"n_{name}"] = int(keep.sum())
+        rows.append(row)
+    for j, cond in enumerate(schema.numerical):
+        row = {"condition": cond.name, "metric": "r2", "majority": majority[cond.name]}
+        for name, index in neighbours.items():
+            lent = train_num[index.to(train_num.device), j].to(num.device)
+            keep = ~torch.isnan(num[:, j]) & ~torch.isnan(lent)
+            truth, guess = num[keep, j], lent[keep]
+            row[name] = (float(1 - ((guess - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum().clamp_min(1e-12))
+                         if keep.sum() > 1 else float("nan"))
+            row[f"n_{name}"] = int(keep.sum())
+        rows.append(row)
+    return pd.DataFrame(rows)[["condition", "metric", "majority", "real", "generated", "n_real", "n_generated"]]
+
+
+@torch.no_grad()
+def asked_for_adherence(model, classifier: ConditionClassifier, images: torch.Tensor, cat: torch.Tensor,
+                        num: torch.Tensor, *, train_cat: torch.Tensor, rows: int, seed: int) -> pd.DataFrame:
+    """For every category of every categorical condition: the first `rows` test rows with that condition set to
+    the category and the others as they are, one sample each; `generated`: the share the classifier reads as the
+    asked category, `real`: its recall on the real test images of that category (`n_real` of them), the
+    reference. Always drawing the majority category scores 1 on it and 0 on every other, so the mean over a
+    condition's categories (the `balanced` rows, over the categories with real test images) shows a model that
+    ignores c, which plain accuracy on the test rows — mostly the majority category — hides."""
+    schema = model.schema
+    tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
+    predicted_real = _predict(classifier, images)[0]
+    asked_cat, asked_num = cat[:rows], num[:rows]
+    nothing = torch.zeros_like(asked_cat, dtype=torch.bool)
+    unmasked_num = torch.zeros_like(asked_num, dtype=torch.bool)
+    g = torch.Generator(device=cat.device).manual_seed(seed)
+    out = []
+    for j, cond in enumerate(schema.categorical):
+        vocab = schema.vocabulary_of(cond.name)
+        known_train = train_cat[:, j][train_cat[:, j] != tokens[j].to(train_cat.device)]
+        per_category = []
+        for k, category in enumerate(vocab):
+            changed = asked_cat.clone()
+            changed[:, j] = k
+            conditions = model.masking.apply(changed, asked_num, nothing, unmasked_num)
+            generated = torch.cat([model.generate(conditions.rows(s, s + 256), generator=g)
+                                   for s in range(0, len(changed), 256)])
+            share = float((_predict(classifier, generated)[0][:, j] == k).float().mean())
+            real_rows = cat[:, j] == k
+            per_category.append({
+                "condition": cond.name, "category": category,
+                "train_share": float((known_train == k).float().mean()) if len(known_train) else float("nan"),
+                "n_real": int(real_rows.sum()),
+                "real": float((predicted_real[real_rows, j] == k).float().mean()) if real_rows.any() else float("nan"),
+                "generated": share})
+        frame = pd.DataFrame(per_category)
+        present = frame[frame["n_real"] > 0]  # like for like: the categories that have real test images
+        out.extend(per_category)
+        out.append({"condition": cond.name, "category": f"balanced (mean over the {len(present)} categories in the test split)",
+                    "train_share": float("nan"), "n_real": int(frame["n_real"].sum()),
+                    "real": float(present["real"].mean()), "generated": float(present["generated"].mean())})
+    return pd.DataFrame(out)

@@ -120,23 +120,43 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     progress("diversity")
     tables["diversity"] = diversity(model, images, cat, num, cfg)
     if cfg.adherence:
-        from modules.image_adherence import fit_condition_classifier, image_adherence
+        from modules.image_adherence import (asked_for_adherence, fit_condition_classifier, image_adherence,
+                                             nearest_image_adherence)
 
         progress("adherence classifier on the real training images")
         tr_raw, tr_cat, tr_num = (t.to(model.device) for t in (tr_raw, tr_cat, tr_num))
-        classifier = fit_condition_classifier(to_model_range(tr_raw, dm.cfg.value_range), tr_cat, tr_num,
-                                              model.schema, seed=cfg.mask_seed)
+        train_images = to_model_range(tr_raw, dm.cfg.value_range)
+        classifier = fit_condition_classifier(train_images, tr_cat, tr_num, model.schema, seed=cfg.mask_seed)
         from modules.fid import make_fid
 
         fid = make_fid(cfg.fid, cfg.inception_weights, classifier, raw, dm.cfg.value_range)
-        fids = []
-        record = None if fid is None else (lambda level, generated: fids.append(
-            {"sparsity": level, "fid": fid(from_model_range(generated, dm.cfg.value_range)), "features": fid.name}))
+        fids, unmasked = [], {}
+
+        def record(level, generated):
+            if level == 0:
+                unmasked["images"] = generated  # every condition given: the nearest-image check below
+            if fid is not None:
+                fids.append({"sparsity": level, "fid": fid(from_model_range(generated, dm.cfg.value_range)),
+                             "features": fid.name})
+
         progress("adherence of generated images" + (" and Fréchet distance" if fid is not None else ""))
         tables["adherence"] = image_adherence(model, classifier, images, cat, num, cfg, train_cat=tr_cat,
                                               train_num=tr_num, on_generated=record)
         if fids:
             tables["fid"] = pd.DataFrame(fids)
+        progress("adherence by the nearest real training image")
+        if "images" not in unmasked:  # sparsity 0 was not among the levels
+            none = torch.zeros_like(cat, dtype=torch.bool)
+            given = model.masking.apply(cat, num, none, torch.zeros_like(num, dtype=torch.bool))
+            g = torch.Generator(device=model.device).manual_seed(cfg.paper_z_seed + 3000)
+            unmasked["images"] = torch.cat([model.generate(given.rows(s, s + 256), generator=g)
+                                            for s in range(0, len(cat), 256)])
+        tables["adherence_nearest"] = nearest_image_adherence(unmasked["images"], images, cat, num, train_images,
+                                                              tr_cat, tr_num, model.schema)
+        if cfg.asked_for_rows:
+            progress(f"asked-for adherence ({cfg.asked_for_rows} test rows per category)")
+            tables["adherence_asked"] = asked_for_adherence(model, classifier, images, cat, num, train_cat=tr_cat,
+                                                            rows=cfg.asked_for_rows, seed=cfg.sample_seed + 7000)
     progress.done()
     figures = save_tables(tables, out_dir, error_name="mse")
     # real test images, then generated from their conditions at sparsity 0, 0.5 and 0.9 (paper z)
@@ -159,8 +179,9 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                "samples": "samples.png: real test images, then generated at sparsity 0.0, 0.5, 0.9"}
     if "adherence" in tables:
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
-    if "fid" in tables:
-        summary["fid"] = tables["fid"].to_dict(orient="records")
+    for name in ("fid", "adherence_nearest", "adherence_asked"):
+        if name in tables:
+            summary[name] = tables[name].to_dict(orient="records")
     k = cfg.samples_per_design
     printed = printed_tables(tables["mse_per_sparsity"], "mse")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
@@ -175,6 +196,12 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                      "Baselines: pixel MSE of the mean training image (train_mean):",
         "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images; majority: without "
                      "looking at the image; informative: real images clear it):",
+        "adherence_nearest": "Adherence by the nearest real training image (pixel distance; no network to fool): "
+                             "its conditions against the asked ones, for the real test images and for images "
+                             "generated from their conditions, none masked:",
+        "adherence_asked": f"Asked-for adherence: the first {cfg.asked_for_rows} test rows with one condition set to "
+                           "each category (the rest kept), one sample each; generated: the share the classifier "
+                           "reads as the asked category; real: its recall on the real test images of the category:",
         "diversity": "Diversity (mean pairwise distance of images):",
         "fid": "Fréchet distance of generated to real test images per sparsity (features named):"},
         footer=" (samples.png: real, then generated at sparsity 0.0 / 0.5 / 0.9)")

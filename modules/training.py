@@ -152,6 +152,8 @@ def check_common(cfg, source: str) -> None:
     require(e.samples_per_design >= 2 or (e.samples_per_design == 0 and design_columns is None), source,
             "evaluation.samples_per_design", "≥ 2 (the energy score's spread needs two samples), or 0 to skip the "
             "sample-based errors (image models)", e.samples_per_design)
+    require(e.asked_for_rows >= 0, source, "evaluation.asked_for_rows", "≥ 0 (0 skips the asked-for adherence)",
+            e.asked_for_rows)
     if design_columns is not None:
         require(len(design_columns) > 0, source, "data.design_columns", "a non-empty list", [])
     if not cfg.data.conditions:
