@@ -114,7 +114,9 @@ def test_sample_and_evaluate(conv_run, tmp_path, capsys):
     assert sample.main(["--ckpt", ckpt, "--condition", "BikeStyle=ROAD", "--n", "4", "--out", str(tmp_path / "t0.png"),
                         "--singles", str(tmp_path / "t0"), "--temperature", "0"]) == 0
     singles = [torch.tensor(__import__("numpy").array(Image.open(f))) for f in sorted((tmp_path / "t0").glob("*.png"))]
-    assert len(singles) == 4 and all(torch.equal(singles[0], other) for other in singles[1:])
+    # equal up to uint8 rounding: a batched CPU conv may differ per row in the last float bit (AVX2 kernels)
+    assert len(singles) == 4 and all((singles[0].int() - other.int()).abs().max() <= 1 for other in singles[1:])
+    assert all((singles[0] != other).float().mean() < 0.01 for other in singles[1:])
     mp.chdir(tmp)
     try:
         assert evaluate.main(["--ckpt", ckpt, "--out", str(tmp_path / "eval_t0"), "--temperature", "0"]) == 0
