@@ -38,7 +38,7 @@ VARIANTS = ("reference", "channels_last", "bf16", "compile", "threads1")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="conv_mcvae_biked_small,conv_mcvae_biked", help="configs in configs/, comma-separated")
+    p.add_argument("--configs", default="conv_mcvae_biked_small,conv_mcvae_biked", help="configs in configs/ or YAML paths (e.g. an older version of one), comma-separated")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (paper config: a third of them)")
@@ -57,7 +57,7 @@ def build(cfg_name: str, csv_path: str, batch: int):
     from modules.config import build_dataclass, config_path, read_yaml, to_dict
     from modules.conv_mcvae import ConvMCVAE, ConvMCVAERunConfig, check_conv_mcvae_config
 
-    path = config_path(cfg_name, None)
+    path = config_path(None, cfg_name) if cfg_name.endswith((".yaml", ".yml")) else config_path(cfg_name, None)
     cfg = build_dataclass(ConvMCVAERunConfig, read_yaml(path), source=str(path))
     check_conv_mcvae_config(cfg, str(path))
     frame = pd.read_csv(csv_path, nrows=2000)

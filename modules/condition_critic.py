@@ -1,11 +1,17 @@
 """A condition critic for image VAEs: images decoded from z ~ p(z | c) must show their visible conditions to a
 small CNN that learns the conditions from the real training images of the same step (the auxiliary classifier of
-AC-GAN, Odena et al. 2017, without its real/fake head).
+AC-GAN, Odena et al. 2017; its real/fake head is optional, `realism`).
 
 Why: under the ELBO the decoder reads the conditions from z, where the encoder always writes them, and hardly
 from c, which training masks a share of the time. Samples decode z ~ p(z | c), whose diagonal Gaussian carries
 little of that detail, so they showed the majority fork whatever was asked (benchmarks/RESULTS.md, "conv-mcVAE
 ablation"). The critic's gradient reaches the decoder and the prior through the sampled images only.
+
+Its class head learns on real images only, so the decoder can find textures that it reads as a category (an
+adversarial example). With the GAN term (`realism`) the samples of rare prompts (fork type 1 asked for alone)
+turned to speckle, the more so the larger its weight; without it they stay clean but the gains scatter across
+runs (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The shipped configs leave the critic off; the nearest-image
+adherence of the evaluation is the check no texture can pass.
 
 The critic is kept apart from the evaluation's adherence CNN (`modules/image_adherence.py`): another
 architecture, its own weights, trained inside the VAE's loop only; the evaluation fits its CNN afresh on the real
