@@ -9,8 +9,8 @@ ablation"). The critic's gradient reaches the decoder and the prior through the 
 
 Its class head learns on real images only, so the decoder can find textures that it reads as a category (an
 adversarial example). With the GAN term (`realism`) the samples of rare prompts (fork type 1 asked for alone)
-turned to speckle, the more so the larger its weight; without it they stay clean but the gains scatter across
-runs (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The shipped configs leave the critic off; the nearest-image
+turned to speckle, the more so the larger its weight; without it they stay clean. Rare categories asked for
+show more often in every run, at a cost in image quality (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The shipped configs leave the critic off; the nearest-image
 adherence of the evaluation is the check no texture can pass.
 
 The critic is kept apart from the evaluation's adherence CNN (`modules/image_adherence.py`): another

@@ -14,7 +14,8 @@ condition at every decoder level (`decoder_conditions: every_level`, as the mcLD
 Under the ELBO alone the decoder still reads the conditions from z, where the encoder always writes them, rather
 than from c: samples drew the majority fork and rim whatever was asked. The condition critic
 (`modules/condition_critic.py`, `critic_*` options, off by default) pushes images decoded from z ~ p(z | c) to
-show c; measured, it scatters more than it gains (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The training
+show c; measured, it helps rare categories but costs image quality (benchmarks/RESULTS.md, "conv-mcVAE
+ablation 2"). The training
 step is `MaskedConditioningModule.training_step` → `MaskedConditionalVAE._step` (+ `auxiliary_losses` here).
 """
 from __future__ import annotations

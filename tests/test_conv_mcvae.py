@@ -208,6 +208,20 @@ def test_shipped_configs_load_and_build(name, size, latent):
     assert model.latent_shape == latent
 
 
+def test_the_ablation_configs_of_results_still_load():
+    """RESULTS.md points at them as the way to reproduce its rows: they must not rot as options change."""
+    from pathlib import Path
+
+    from modules.config import read_yaml
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").rglob("*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        cfg = build_dataclass(ConvMCVAERunConfig, read_yaml(path), source=str(path))
+        check_conv_mcvae_config(cfg, str(path))
+        assert cfg.data.image_size == 64
+
+
 def test_a_spatial_condition_map_varies_over_the_grid_and_film_starts_as_the_plain_decoder():
     torch.manual_seed(0)
     model, schema = build(16, levels=2, attention_levels=[], **{**GENERATIVE, "decoder_conditions": "film",
