@@ -286,13 +286,13 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         thing for both."""
         if z is None:
             z = torch.randn((len(conditions), *self.latent_shape), generator=generator, device=self.device)
-        z = z.to(self.device) * self.temperature
         c = self.embed(conditions, averaged=True)
-        prior = self.prior(c, averaged=True)
-        if prior is not None:
-            mu, logvar = prior
-            z = mu + z * torch.exp(0.5 * logvar)
-        return self.decode(z, c, averaged=True)
+        return self.decode(self.from_prior(z.to(self.device) * self.temperature, c, averaged=True), c, averaged=True)
+
+    def from_prior(self, eps: torch.Tensor, c: torch.Tensor, averaged: bool = False) -> torch.Tensor:
+        """z ~ p(z | c) from standard normal noise ε: μ_p(c) + σ_p(c)·ε under a learned prior, ε under N(0, I)."""
+        prior = self.prior(c, averaged=averaged)
+        return eps if prior is None else prior[0] + eps * torch.exp(0.5 * prior[1])
 
 
 class ImageSampling:

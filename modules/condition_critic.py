@@ -10,8 +10,9 @@ ablation"). The critic's gradient reaches the decoder and the prior through the 
 Its class head learns on real images only, so the decoder can find textures that it reads as a category (an
 adversarial example). With the GAN term (`realism`) the samples of rare prompts (fork type 1 asked for alone)
 turned to speckle, the more so the larger its weight; without it they stay clean. Rare categories asked for
-show more often in every run, at a cost in image quality (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The shipped configs leave the critic off; the nearest-image
-adherence of the evaluation is the check no texture can pass.
+show more often in every run, at a cost in image quality (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The
+shipped configs leave the critic off; the nearest-image adherence of the evaluation is the check no texture can
+pass.
 
 The critic is kept apart from the evaluation's adherence CNN (`modules/image_adherence.py`): another
 architecture, its own weights, trained inside the VAE's loop only; the evaluation fits its CNN afresh on the real
@@ -21,6 +22,7 @@ fooled into.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +90,10 @@ class ConditionCritic(nn.Module):
         return loss
 
     def losses(self, real: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, generated: torch.Tensor,
-               asked: MaskedConditions) -> tuple[torch.Tensor, torch.Tensor]:
+               asked: MaskedConditions) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(critic loss: the real images against all their known conditions `cat`/`num`; generator loss: the
-        critic, frozen, on the generated images against the visible conditions they were generated from, `asked`).
+        critic, frozen, on the generated images against the visible conditions they were generated from, `asked`;
+        the generator's GAN loss, or None without `realism`).
 
         The critic's weights get gradients from the first term only and the generator from the second only."""
         known_cat, known_num = cat != self.mask_tokens, ~torch.isnan(num)

@@ -15,8 +15,8 @@ Under the ELBO alone the decoder still reads the conditions from z, where the en
 than from c: samples drew the majority fork and rim whatever was asked. The condition critic
 (`modules/condition_critic.py`, `critic_*` options, off by default) pushes images decoded from z ~ p(z | c) to
 show c; measured, it helps rare categories but costs image quality (benchmarks/RESULTS.md, "conv-mcVAE
-ablation 2"). The training
-step is `MaskedConditioningModule.training_step` → `MaskedConditionalVAE._step` (+ `auxiliary_losses` here).
+ablation 2"). The training step is `MaskedConditioningModule.training_step` → `MaskedConditionalVAE._step`
+(+ `auxiliary_losses` here).
 """
 from __future__ import annotations
 
@@ -318,9 +318,7 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         n = min(m.critic_batch, len(x))
         asked, c_asked = masked.rows(0, n), c[:n]
         eps = torch.randn((n, *self.latent_shape), generator=generator, device=x.device, dtype=x.dtype)
-        prior = self.prior(c_asked)
-        z_prior = eps if prior is None else prior[0] + eps * torch.exp(0.5 * prior[1])
-        generated = self.decode(z_prior, c_asked)
+        generated = self.decode(self.from_prior(eps, c_asked), c_asked)
         critic, generator_loss, realism = self.condition_critic.losses(x, cat, num, generated, asked)
         out = {**out, "critic": (critic, 1.0), "critic_generator": (generator_loss, m.critic_weight)}
         if realism is not None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.baselines import informative, majority_scores
+from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
 from modules.evaluation import level_masks, mask_draws
 
@@ -83,6 +84,12 @@ def _predict(model: ConditionClassifier, images: torch.Tensor, batch_size: int =
     return cat, num
 
 
+def generate_in_chunks(model, conditions: MaskedConditions, generator: torch.Generator, chunk: int = 256):
+    """One generated image per row of `conditions`, `chunk` rows at a time (the noise drawn in that order)."""
+    return torch.cat([model.generate(conditions.rows(s, s + chunk), generator=generator)
+                      for s in range(0, len(conditions), chunk)])
+
+
 def _scores(schema, predicted, cat, num, keep_cat, keep_num) -> dict[str, float]:
     scores = {}
     pred_cat, pred_num = predicted
@@ -144,8 +151,7 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
     g = torch.Generator(device=cat.device).manual_seed(cfg.paper_z_seed + 3000)
     for level in cfg.sparsity_levels:
         conditions = level_masks(model, cat, num, level, uniform)
-        generated = torch.cat([model.generate(conditions.rows(s, s + 256), generator=g)
-                               for s in range(0, len(cat), 256)])
+        generated = generate_in_chunks(model, conditions, g)
         if on_generated is not None:
             on_generated(level, generated)
         keep_cat = known_cat & (conditions.categorical != tokens)
@@ -176,29 +182,23 @@ def nearest_image_adherence(generated: torch.Tensor, images: torch.Tensor, cat: 
         return index
 
     tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
-    train_tokens = tokens.to(train_cat.device)
-    rows = []
-    neighbours = {"real": nearest(images), "generated": nearest(generated)}
     majority = majority_per_condition(schema, cat, num, train_cat, train_num)
-    for j, cond in enumerate(schema.categorical):
-        row = {"condition": cond.name, "metric": "accuracy", "majority": majority[cond.name]}
-        for name, index in neighbours.items():
-            lent = train_cat[index.to(train_cat.device), j].to(cat.device)
-            keep = (cat[:, j] != tokens[j]) & (lent != train_tokens[j].to(cat.device))
-            row[name] = float((lent[keep] == cat[keep, j]).float().mean()) if keep.any() else float("nan")
-            row[f"n_{name}"] = int(keep.sum())
-        rows.append(row)
-    for j, cond in enumerate(schema.numerical):
-        row = {"condition": cond.name, "metric": "r2", "majority": majority[cond.name]}
-        for name, index in neighbours.items():
-            lent = train_num[index.to(train_num.device), j].to(num.device)
-            keep = ~torch.isnan(num[:, j]) & ~torch.isnan(lent)
-            truth, guess = num[keep, j], lent[keep]
-            row[name] = (float(1 - ((guess - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum().clamp_min(1e-12))
-                         if keep.sum() > 1 else float("nan"))
-            row[f"n_{name}"] = int(keep.sum())
-        rows.append(row)
-    return pd.DataFrame(rows)[["condition", "metric", "majority", "real", "generated", "n_real", "n_generated"]]
+    rows = {c.name: {"condition": c.name, "metric": "accuracy" if c.kind == "categorical" else "r2",
+                     "majority": majority[c.name]} for c in schema.conditions}
+    for name, queries in (("real", images), ("generated", generated)):
+        index = nearest(queries)
+        lent_cat = train_cat[index.to(train_cat.device)].to(cat.device)  # the neighbours' conditions
+        lent_num = train_num[index.to(train_num.device)].to(num.device)
+        keep_cat = (cat != tokens) & (lent_cat != tokens)
+        keep_num = ~torch.isnan(num) & ~torch.isnan(lent_num)
+        for condition, value in _scores(schema, (lent_cat, lent_num), cat, num, keep_cat, keep_num).items():
+            rows[condition][name] = value
+        for j, c in enumerate(schema.categorical):
+            rows[c.name][f"n_{name}"] = int(keep_cat[:, j].sum())
+        for j, c in enumerate(schema.numerical):
+            rows[c.name][f"n_{name}"] = int(keep_num[:, j].sum())
+    ordered = [rows[c.name] for c in schema.categorical] + [rows[c.name] for c in schema.numerical]
+    return pd.DataFrame(ordered)[["condition", "metric", "majority", "real", "generated", "n_real", "n_generated"]]
 
 
 @torch.no_grad()
@@ -226,8 +226,7 @@ def asked_for_adherence(model, classifier: ConditionClassifier, images: torch.Te
             changed = asked_cat.clone()
             changed[:, j] = k
             conditions = model.masking.apply(changed, asked_num, nothing, unmasked_num)
-            generated = torch.cat([model.generate(conditions.rows(s, s + 256), generator=g)
-                                   for s in range(0, len(changed), 256)])
+            generated = generate_in_chunks(model, conditions, g)
             share = float((_predict(classifier, generated)[0][:, j] == k).float().mean())
             real_rows = cat[:, j] == k
             per_category.append({

@@ -120,8 +120,8 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     progress("diversity")
     tables["diversity"] = diversity(model, images, cat, num, cfg)
     if cfg.adherence:
-        from modules.image_adherence import (asked_for_adherence, fit_condition_classifier, image_adherence,
-                                             nearest_image_adherence)
+        from modules.image_adherence import (asked_for_adherence, fit_condition_classifier, generate_in_chunks,
+                                             image_adherence, nearest_image_adherence)
 
         progress("adherence classifier on the real training images")
         tr_raw, tr_cat, tr_num = (t.to(model.device) for t in (tr_raw, tr_cat, tr_num))
@@ -149,8 +149,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
             none = torch.zeros_like(cat, dtype=torch.bool)
             given = model.masking.apply(cat, num, none, torch.zeros_like(num, dtype=torch.bool))
             g = torch.Generator(device=model.device).manual_seed(cfg.paper_z_seed + 3000)
-            unmasked["images"] = torch.cat([model.generate(given.rows(s, s + 256), generator=g)
-                                            for s in range(0, len(cat), 256)])
+            unmasked["images"] = generate_in_chunks(model, given, g)
         tables["adherence_nearest"] = nearest_image_adherence(unmasked["images"], images, cat, num, train_images,
                                                               tr_cat, tr_num, model.schema)
         if cfg.asked_for_rows:
