@@ -115,7 +115,9 @@ def execute(run: dict, fixed: dict, out: Path) -> dict:
 def read_run(run: dict) -> dict:
     """The figures of one run's evaluation tables."""
     ev = Path(run["run_dir"]) / "eval"
-    errors = pd.read_csv(ev / "mse_per_sparsity.csv", dtype={"sparsity": str})
+    from modules.evaluation import error_table_path
+
+    errors = pd.read_csv(error_table_path(ev), dtype={"sparsity": str})
     errors["sparsity"] = [s if s == "mean" else f"{float(s):.1f}" for s in errors["sparsity"]]
     errors = errors.set_index("sparsity")
     row = {f"{column}@{level}": float(errors.loc[level, column]) for column in errors.columns for level in errors.index}

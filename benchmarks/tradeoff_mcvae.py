@@ -57,7 +57,7 @@ def train(config: str, seed: int, args, out: Path) -> Path:
 
 def evaluate_at(ckpt: Path, temperatures: list[float], out: Path) -> list[dict]:
     """Rows of figures for every temperature (the model loaded once; the baselines do not depend on τ)."""
-    from modules.evaluation import evaluate_parametric
+    from modules.evaluation import ERROR_TABLES, evaluate_parametric
     from modules.registry import MCVAE_SPEC
 
     dm, model = MCVAE_SPEC.load(ckpt)
@@ -66,7 +66,7 @@ def evaluate_at(ckpt: Path, temperatures: list[float], out: Path) -> list[dict]:
         model.cfg.model.temperature = tau
         cfg = dataclasses.replace(model.cfg.evaluation, baselines=(i == 0))
         tables = evaluate_parametric(model, dm, out / f"{ckpt.parent.parent.name}_t{tau}", cfg=cfg, quiet=True)
-        errors = tables["mse_per_sparsity"].set_index("sparsity")
+        errors = tables[ERROR_TABLES["sse"]].set_index("sparsity")
         adherence = tables["adherence"]
         first = [c for c in adherence.columns if re.fullmatch(r"[0-9.]+", str(c))][0]
         informative = adherence[adherence["informative"]]

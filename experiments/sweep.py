@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -64,18 +65,10 @@ def _base_config_path(base_config: str | Path) -> Path:
     return ROOT / "configs" / f"{base_config}.yaml"
 
 
-def set_dotted(cfg: dict, key: str, value) -> None:
-    node = cfg
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"cannot set {key}: {part} is not a section")
-    node[last] = value
-
-
 def make_config(base_config: str | Path, overrides: dict, path: Path) -> Path:
     """The base config with dotted overrides applied, written to `path`; a relative data path is made absolute."""
+    from modules.config import set_dotted
+
     cfg = yaml.safe_load(_base_config_path(base_config).read_text())
     for key, value in overrides.items():
         set_dotted(cfg, key, value)
@@ -127,7 +120,9 @@ def read_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     ev = run_dir / "eval"
     row: dict[str, Any] = {}
-    mse = pd.read_csv(ev / "mse_per_sparsity.csv", dtype={"sparsity": str})
+    from modules.evaluation import error_table_path
+
+    mse = pd.read_csv(error_table_path(ev), dtype={"sparsity": str})
     mse["sparsity"] = [s if s == "mean" else f"{float(s):.1f}" for s in mse["sparsity"]]
     for column in [c for c in mse.columns if c != "sparsity"]:
         for level, value in zip(mse["sparsity"], mse[column]):
@@ -446,6 +441,23 @@ def write_dataset_size_outputs(results: pd.DataFrame, out: Path) -> dict[str, pd
 
     plt.close(plot_dataset_size(results, out / "dataset_size.png"))
     return {"table": table}
+
+
+def notebook_out(out: Optional[str | Path], name: str) -> Path:
+    """Where an experiments notebook writes its results: `out` when given (relative: to the repository root); by
+    default <repo>/logs/notebooks/<name>/ (git-ignored), whose cells/ get the committed cells of
+    experiments/results/<name>/. Finished cells are not retrained, so the defaults show the committed results,
+    and nothing in experiments/results/ is rewritten (pass out="experiments/results/<name>" to update them)."""
+    if out is not None:
+        return Path(out) if Path(out).is_absolute() else ROOT / out
+    folder = ROOT / "logs" / "notebooks" / name
+    cells = folder / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    for committed in sorted((ROOT / "experiments" / "results" / name / "cells").glob("*.json")):
+        copy = cells / committed.name
+        if not copy.is_file() or copy.read_bytes() != committed.read_bytes():  # the committed numbers win
+            shutil.copyfile(committed, copy)
+    return folder
 
 
 def config_epochs(base_config: str | Path, epochs: Optional[int]) -> int:

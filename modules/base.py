@@ -1,6 +1,7 @@
 """The LightningModule base every masked-conditioning model shares: schema, masking, embedding, sparsity, RNG."""
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional
 
 import pandas as pd
@@ -9,7 +10,8 @@ import torch
 
 from torch import nn
 
-from modules.conditioning import ConditionEmbedding, ConditionMasking, ConditionSchema, MaskedConditions
+from modules.conditioning import (ConditionEmbedding, ConditionMasking, ConditionSchema, MaskedConditions,
+                                  OutOfRangeCondition)
 from modules.config import build_dataclass
 from modules.ema import EMA
 from modules.errors import UserError
@@ -199,6 +201,11 @@ class MaskedConditioningModule(pl.LightningModule):
         else:
             raise TypeError("conditions must be a dict, a pandas DataFrame or None")
         cat, num = self.schema.encode(frame, source="conditions")
+        outside = self.schema.out_of_range(frame)
+        if outside:
+            warnings.warn("; ".join(outside) + ". The model never saw such values; the designs are extrapolated. "
+                          "Ask within the range (sample.py --strict refuses such requests).", OutOfRangeCondition,
+                          stacklevel=3)
         cat, num = cat.to(self.device), num.to(self.device)
         # absent conditions are already mask tokens / NaN, which `apply` keeps masked
         masked = self.masking.apply(cat, num, torch.zeros_like(cat, dtype=torch.bool), torch.isnan(num))

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from modules.conditioning import MaskedConditions
+from modules.progress import bar
 
 FOREST_TREES = 100
+FOREST_TREES_PER_STEP = 25  # a divisor of FOREST_TREES
 FOREST_MIN_LEAF = 3
 
 
@@ -52,9 +54,14 @@ class ConditionalForest:
             cat_mask, num_mask = model.masking.random_masks(cat, num, level, generator)
             features.append(_features(model, model.masking.apply(cat, num, cat_mask, num_mask)))
             targets.append(design.cpu().numpy())
-        self.forest = RandomForestRegressor(n_estimators=FOREST_TREES, min_samples_leaf=FOREST_MIN_LEAF,
-                                            max_features=0.5, n_jobs=-1, random_state=int(seed))
-        self.forest.fit(np.concatenate(features), np.concatenate(targets))
+        features, targets = np.concatenate(features), np.concatenate(targets)
+        # grown FOREST_TREES_PER_STEP trees at a time for the progress bar; warm starts draw the trees' seeds as
+        # one fit would, so the forest is the same
+        self.forest = RandomForestRegressor(n_estimators=0, min_samples_leaf=FOREST_MIN_LEAF, max_features=0.5,
+                                            n_jobs=-1, random_state=int(seed), warm_start=True)
+        for trees in bar(range(FOREST_TREES_PER_STEP, FOREST_TREES + 1, FOREST_TREES_PER_STEP),
+                         desc="conditional forest", unit="step"):
+            self.forest.set_params(n_estimators=trees).fit(features, targets)
         self.model = model
 
     def predict(self, conditions: MaskedConditions) -> torch.Tensor:

@@ -189,6 +189,21 @@ class ConditionSchema:
             num[:, j] = torch.from_numpy((raw - cond.minimum) / span).float()
         return cat, num
 
+    def out_of_range(self, frame: pd.DataFrame) -> list[str]:
+        """One line per numerical condition whose requested values leave the training range [min, max]: the model
+        never saw such a value, so what it generates there is extrapolation."""
+        lines = []
+        for cond in self.numerical:
+            if cond.name not in frame:
+                continue
+            values = pd.to_numeric(frame[cond.name], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            outside = np.unique(values[np.isfinite(values) & ((values < cond.minimum) | (values > cond.maximum))])
+            if outside.size:
+                shown = ", ".join(f"{v:g}" for v in outside[:3]) + (", …" if outside.size > 3 else "")
+                lines.append(f"'{cond.name}' = {shown} lies outside the training range {cond.minimum:g} to "
+                             f"{cond.maximum:g}")
+        return lines
+
     def decode_numerical(self, num: torch.Tensor) -> np.ndarray:
         mins = np.array([c.minimum for c in self.numerical])
         spans = np.array([(c.maximum - c.minimum) or 1.0 for c in self.numerical])
@@ -213,6 +228,10 @@ class ConditionSchema:
         if not math.isfinite(number):
             raise UserError(f"{source}: '{name}' must be a finite number, got {value!r}.")
         return number
+
+
+class OutOfRangeCondition(UserWarning):
+    """A numerical condition asked for outside its training range (`sample.py --strict` makes it an error)."""
 
 
 def _natural_key(text: str):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,10 @@ class DataConfig:
     id_column: Optional[str] = None  # saved with the split so a user can see which design went where
     vocabularies: dict[str, list] = field(default_factory=dict)  # shared vocabularies with a fixed order
     split: SplitConfig = field(default_factory=SplitConfig)
-    plot_style: Literal["bike", "profile", "points", "none"] = "points"  # how sample.py --plot draws designs
+    # how sample.py --plot draws designs (modules.plotting.resolve_plot_style): auto = bike for BIKED's columns,
+    # points when every design column pairs up as (x, y), else columns (generated vs real designs per column);
+    # none: no drawing of the shapes, --plot shows the columns picture
+    plot_style: Literal["auto", "bike", "profile", "points", "columns", "none"] = "auto"
     # geometric validity checks of generated designs in evaluation (modules/design_checks.py); null = none
     design_checks: Optional[Literal["bike"]] = None
     outline_points: Optional[int] = None  # profile: the first N (x, y) points form a closed outline; the rest are dots
@@ -316,3 +320,58 @@ def to_dict(cfg) -> dict:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+# --------------------------------------------------------------------------- dotted overrides (--set KEY=VALUE)
+
+
+def parse_assignment(text: str, flag: str = "--set") -> tuple[str, Any]:
+    """'optimizer.lr=3e-4' → ('optimizer.lr', 0.0003); the value is read as YAML (numbers, true/false, null, [a, b])."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"{flag} {text!r} must have the form SECTION.KEY=VALUE (or KEY=VALUE for a top-level key), "
+                        f"e.g. {flag} optimizer.lr=3e-4.")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not valid YAML: keep the text
+    if isinstance(parsed, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text
+    return key.strip(), parsed
+
+
+def check_dotted_key(cls: type, key: str, flag: str = "--set") -> None:
+    """A dotted key must name a field of the config dataclass `cls`, section by section; the error lists the valid
+    keys where the path leaves the schema (a mapping-valued field, such as a dict of names, ends the check)."""
+    node, path = cls, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            if typing.get_origin(node) is dict or node is dict or node is Any:
+                return  # a free mapping: its keys are data, not schema
+            raise UserError(f"{flag} {key}: '{'.'.join(path)}' is a value, not a section; set it directly "
+                            f"({flag} {'.'.join(path)}=VALUE).")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            where = ".".join(path) or "the top level"
+            raise UserError(f"{flag} {key}: unknown key '{part}' under {where}. Valid keys there: "
+                            f"{', '.join(f.name for f in dataclasses.fields(node))}.")
+        path.append(part)
+        node = hints[part]
+        # Optional[Section] → Section
+        if typing.get_origin(node) in (Union, types.UnionType):
+            sections = [a for a in typing.get_args(node) if dataclasses.is_dataclass(a)]
+            node = sections[0] if sections else node
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set `key` (dotted) in a raw config mapping, creating sections that are absent."""
+    node = raw
+    *parents, last = key.split(".")
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set {key}: {'.'.join(parents[:i + 1])} is {child!r}, not a section.")
+        node = child
+    node[last] = value

@@ -14,6 +14,32 @@ from modules.baselines import ConditionalForest, informative, majority_scores
 from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
 from modules.errors import UserError
+from modules.progress import bar, shows_progress
+
+# the file (and table) of the errors per sparsity, by the error it holds: parametric models report per-design sums
+# of squared errors (SSE) and energy scores, image models the pixel MSE
+ERROR_TABLES = {"sse": "errors_per_sparsity", "mse": "mse_per_sparsity"}
+
+
+def error_table_path(eval_dir: Path) -> Path:
+    """<eval_dir>/errors_per_sparsity.csv (parametric) or mse_per_sparsity.csv (images, and parametric runs
+    evaluated before the file was renamed), whichever the folder has."""
+    for stem in (ERROR_TABLES["sse"], ERROR_TABLES["mse"]):
+        path = Path(eval_dir) / f"{stem}.csv"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{eval_dir} has neither {ERROR_TABLES['sse']}.csv nor {ERROR_TABLES['mse']}.csv; "
+                            "evaluate the run first (python evaluate.py --ckpt ...).")
+
+
+def level_column(level: float) -> str:
+    """The adherence table's column of a sparsity level ("0", "0.1", …)."""
+    return f"{level:g}"
+
+
+def count_column(level: float) -> str:
+    """The adherence table's column with the number of designs scored at a level ("n_0", "n_0.1", …)."""
+    return f"n_{level:g}"
 
 
 def _generator(seed: int, device) -> torch.Generator:
@@ -38,19 +64,27 @@ def error_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *, error:
                        name: str) -> pd.DataFrame:
     """`error(generated)` against the targets at each sparsity level, under two latent protocols:
     `<name>_paper`: one z ~ N(0, I) (seed `paper_z_seed`) shared by every design, as the authors' evaluation;
-    `<name>_prior`: a fresh z per design, averaged over `prior_draws` draws (± `<name>_prior_std`).
+    `<name>_prior`: a fresh z per design, averaged over `prior_draws` draws (± `<name>_prior_std`, NaN for a
+    single draw: one draw has no spread to measure).
     """
     g_paper = _generator(cfg.paper_z_seed, target.device)
     z_paper = torch.randn((1, *model.latent_shape), generator=g_paper, device=target.device)
     uniform = mask_draws(cat, num, cfg)
     rows = []
+    progress = bar(desc="single-z and prior errors", total=len(cfg.sparsity_levels) * (1 + cfg.prior_draws),
+                   unit="generation")
     for i, level in enumerate(cfg.sparsity_levels):
         conditions = level_masks(model, cat, num, level, uniform)
         paper = error(model.generate(conditions, z=z_paper.expand(len(target), *z_paper.shape[1:])))
+        progress.update()
         g = _generator(cfg.paper_z_seed + 1 + i, target.device)
-        draws = [error(model.generate(conditions, generator=g)) for _ in range(cfg.prior_draws)]
+        draws = []
+        for _ in range(cfg.prior_draws):
+            draws.append(error(model.generate(conditions, generator=g)))
+            progress.update()
         rows.append({"sparsity": level, f"{name}_paper": paper, f"{name}_prior": float(np.mean(draws)),
-                     f"{name}_prior_std": float(np.std(draws))})
+                     f"{name}_prior_std": float(np.std(draws)) if len(draws) > 1 else float("nan")})
+    progress.close()
     return _with_mean(pd.DataFrame(rows))
 
 
@@ -85,8 +119,7 @@ def sample_based_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *,
                               weights: Optional[torch.Tensor] = None, per_feature: bool = False,
                               to_space: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                               forest: Optional[ConditionalForest] = None,
-                              on_samples: Optional[Callable[[float, torch.Tensor], None]] = None,
-                              progress=None) -> pd.DataFrame:
+                              on_samples: Optional[Callable[[float, torch.Tensor], None]] = None) -> pd.DataFrame:
     """Per level, from `cfg.samples_per_design` samples per test target (seeded, the masks of `mask_draws`): the
     energy score, the error of the mean of the k samples and the best-of-k error (`modules.scoring`), with the
     baselines beside them, all on the same masks. One implementation for designs and images:
@@ -116,16 +149,18 @@ def sample_based_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *,
 
     mean_scores = point(train_mean[None].expand_as(target))
     rows = []
+    starts = range(0, len(target), chunk)
+    progress = bar(desc=f"{k} samples per {'image' if per_feature else 'design'}",
+                   total=len(cfg.sparsity_levels) * len(starts), unit="chunk")
     for level in cfg.sparsity_levels:
-        if progress is not None:
-            progress.update(level)
         conditions = level_masks(model, cat, num, level, uniform)
         parts, kept = [], []
-        for start in range(0, len(target), chunk):
+        for start in starts:
             samples = draw_samples(model, conditions.rows(start, start + chunk), k, g)
             parts.append(scoring.sample_errors(samples, target[start:start + chunk], weights, per_feature=per_feature))
             if on_samples is not None:
                 kept.append(samples)
+            progress.update()
         if on_samples is not None:
             on_samples(level, torch.cat(kept))
         errors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -143,6 +178,7 @@ def sample_based_per_sparsity(model, target, cat, num, cfg: EvaluationConfig, *,
                 target.device)).reshape(-1, k, *target.shape[1:]), target[start:start + chunk], weights)
             for start in range(0, len(target), chunk)]).mean())
         rows.append(row)
+    progress.close()
     return _with_mean(pd.DataFrame(rows))
 
 
@@ -170,16 +206,19 @@ def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarr
 
     predictors = {}
     tokens = schema.mask_tokens()
+    progress = bar(desc="adherence forests", total=len(schema.conditions), unit="condition")
     for j, cond in enumerate(schema.categorical):
         known = cat[:, j] != tokens[j]
-        if len(np.unique(cat[known, j])) < 2:
-            continue  # nothing to predict
-        clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
-        predictors[cond.name] = ("categorical", j, clf.fit(designs[known], cat[known, j]))
+        if len(np.unique(cat[known, j])) >= 2:  # else there is nothing to predict
+            clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+            predictors[cond.name] = ("categorical", j, clf.fit(designs[known], cat[known, j]))
+        progress.update()
     for j, cond in enumerate(schema.numerical):
         known = ~np.isnan(num[:, j])
         reg = RandomForestRegressor(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
         predictors[cond.name] = ("numerical", j, reg.fit(designs[known], num[known, j]))
+        progress.update()
+    progress.close()
     return predictors
 
 
@@ -198,7 +237,8 @@ def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray) -> floa
 def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, *, train_cat=None,
               train_num=None) -> pd.DataFrame:
     """Accuracy (categorical) / R² (numerical) of the condition predictors on real test designs and on designs
-    generated from the test conditions at each sparsity level, scored on the conditions that were not masked.
+    generated from the test conditions at each sparsity level, scored on the conditions that were not masked;
+    `n`: the real test designs scored, `n_<level>`: the generated designs scored at that level.
 
     `majority`: the score without looking at the design (most frequent training category; R² of the training
     mean), from the training conditions `train_cat`/`train_num`. `informative`: the real designs clear it
@@ -219,7 +259,8 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, 
         rows[name]["n"] = int(known.sum())
     g = _generator(cfg.paper_z_seed + 1000, design.device)
     uniform = mask_draws(cat, num, cfg)
-    for level in cfg.sparsity_levels:
+    counts = {name: {} for name in rows}
+    for level in bar(cfg.sparsity_levels, desc="adherence of generated designs", unit="level"):
         conditions = level_masks(model, cat, num, level, uniform)
         generated = model.generate(conditions, generator=g).cpu().numpy()
         masked_cat = conditions.categorical.cpu().numpy() == model.masking.mask_tokens.cpu().numpy()
@@ -227,8 +268,9 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, 
         for name, (kind, j, predictor) in predictors.items():
             truth, known = _truth(kind, j, cat_np, num_np, model)
             keep = known & ~(masked_cat[:, j] if kind == "categorical" else masked_num[:, j])
-            rows[name][f"{level:g}"] = _score(kind, predictor, generated[keep], truth[keep])
-    return pd.DataFrame(list(rows.values()))
+            rows[name][level_column(level)] = _score(kind, predictor, generated[keep], truth[keep])
+            counts[name][count_column(level)] = int(keep.sum())
+    return pd.DataFrame([{**rows[name], **counts[name]} for name in rows])
 
 
 def _truth(kind, j, cat_np, num_np, model):
@@ -265,7 +307,7 @@ def diversity(model, design, cat, num, cfg: EvaluationConfig) -> pd.DataFrame:
     big = [g for g in np.argsort(-counts, kind="stable") if counts[g] >= 2][: cfg.diversity_groups]
     rows = []
     g = _generator(cfg.paper_z_seed + 2000, design.device)
-    for group in big:
+    for group in bar(big, desc="diversity", unit="group"):
         members = np.flatnonzero(group_of == group)[:64]
         first = int(members[0])
         cat_rep = cat[first:first + 1].expand(cfg.diversity_samples, -1)
@@ -307,10 +349,12 @@ def evaluation_inputs(model, dm, out_dir: Path, split: str, cfg: Optional[Evalua
     return cfg, out_dir, tensors
 
 
+@shows_progress
 def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                         wandb_run=None, quiet: bool = False) -> dict:
-    """Write eval/{mse_per_sparsity,adherence,diversity,validity}.csv, their plots and summary.json; returns the
-    tables. Baselines (`modules.baselines`) are scored on the same split and the same masks as the model."""
+    """Write eval/{errors_per_sparsity,adherence,diversity,validity}.csv, their plots and summary.json; returns the
+    tables. Baselines (`modules.baselines`) are scored on the same split and the same masks as the model. Unless
+    `quiet`, every stage prints a line and the long ones draw a progress bar on a terminal's stderr."""
     cfg, out_dir, (design, cat, num) = evaluation_inputs(model, dm, out_dir, split, cfg)
     train_design, train_cat, train_num = (t.to(model.device) for t in dm.tensors["train"])
     progress = _Progress(quiet)
@@ -329,7 +373,8 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         on_samples=lambda level, samples: validity.append(design_checks.validity_row(
             f"generated, sparsity {level:g}", samples.flatten(0, 1), model.scaler, train_design, weights, checks)))
     validity = pd.DataFrame(validity)
-    tables = {"mse_per_sparsity": errors.merge(sampled, on="sparsity", sort=False)}
+    error_table = ERROR_TABLES["sse"]
+    tables = {error_table: errors.merge(sampled, on="sparsity", sort=False)}
     if cfg.adherence:
         progress("adherence")
         tr_design, tr_cat, tr_num = (t.cpu().numpy() for t in dm.tensors["train"])
@@ -340,7 +385,7 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
     tables["validity"] = validity
     progress.done()
     figures = save_tables(tables, out_dir, error_name="sse")
-    table = tables["mse_per_sparsity"].set_index("sparsity")
+    table = tables[error_table].set_index("sparsity")
     summary = {"split": split, "n_designs": int(len(design)), "samples_per_design": cfg.samples_per_design,
                "error_scale": cfg.error_scale,
                **{column: {str(k): float(v) for k, v in table[column].items()} for column in table.columns},
@@ -353,9 +398,9 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
         summary["adherence"] = tables["adherence"].to_dict(orient="records")
     scale = "whole data file" if cfg.error_scale == "dataset" else "training split"
     k = cfg.samples_per_design
-    printed = printed_tables(tables["mse_per_sparsity"], "sse")
+    printed = printed_tables(tables, "sse")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
-        "mse_per_sparsity": f"Errors per evaluation sparsity on the {split} split ({len(design)} designs; min-max scale "
+        error_table: f"Errors per evaluation sparsity on the {split} split ({len(design)} designs; min-max scale "
                             f"of the {scale}). single_z: the paper's protocol (one z for every design); prior: a z per "
                             f"design; ES: energy score from {k} samples per design (lower is better, proper); "
                             f"mean_of_k / best_of_k: SSE of the mean / the closest of the {k} samples:",
@@ -363,22 +408,40 @@ def evaluate_parametric(model, dm, out_dir: Path, *, split: str = "test", cfg: O
                      "forest regressing the design on the masked conditions (forest); ES of k random training "
                      "designs (train_sample):",
         "adherence": "Condition adherence (accuracy / R² of a predictor fitted on real training designs; majority: "
-                     "without looking at the design; informative: real designs clear it):",
+                     "without looking at the design; informative: real designs clear it; n: real designs scored):",
+        "adherence_n": ADHERENCE_COUNTS_HEADING.format(what="Generated designs"),
         "diversity": "Diversity (mean pairwise distance, normalised design space):",
         "validity": "Validity and novelty (shares of designs; distance to the nearest training design):"})
     return tables
 
 
-def printed_tables(table: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
-    """The error table as printed, with short column names (the CSV keeps the long ones): the model's errors and,
-    apart, the baselines' (`name`: the error, sse or mse; columns a table lacks are left out)."""
+ADHERENCE_COUNTS_HEADING = ("{what} scored per condition and sparsity (the conditions neither missing nor masked; "
+                            "adherence.csv: n_<level>):")
+
+
+def printed_tables(tables: dict[str, pd.DataFrame], name: str) -> dict[str, pd.DataFrame]:
+    """The tables as printed where they differ from the CSVs: the error table with short column names (the CSV
+    keeps the long ones), the model's errors and, apart, the baselines' (`name`: the error, sse or mse; columns a
+    table lacks are left out); the adherence scores without their counts, and the counts per level apart
+    (`adherence_n`), so neither is wider than the terminal."""
+    printed = _printed_errors(tables[ERROR_TABLES[name]], name)
+    if "adherence" in tables:
+        adherence = tables["adherence"]
+        counts = [c for c in adherence.columns if str(c).startswith("n_")]
+        printed["adherence"] = adherence.drop(columns=counts)
+        printed["adherence_n"] = adherence[["condition", *counts]].rename(
+            columns={c: c[len("n_"):] for c in counts})
+    return printed
+
+
+def _printed_errors(table: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
     model = {"sparsity": "sparsity", "single_z": f"{name}_paper", "prior": f"{name}_prior",
              "prior_sd": f"{name}_prior_std", "ES": "energy_score", "mean_of_k": f"{name}_mean_of_k",
              "best_of_k": f"{name}_best_of_k"}
     baselines = {"sparsity": "sparsity", "train_mean": f"train_mean_{name}", "forest": f"conditional_forest_{name}",
                  "ES train_mean": "train_mean_energy_score", "ES forest": "conditional_forest_energy_score",
                  "ES train_sample": "train_sample_energy_score", "ES model": "energy_score"}
-    return {"mse_per_sparsity": _short(table, model), "baselines": _short(table, baselines)}
+    return {ERROR_TABLES[name]: _short(table, model), "baselines": _short(table, baselines)}
 
 
 def _short(table: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
@@ -404,13 +467,15 @@ class _Progress:
 
 
 def save_tables(tables: dict, out_dir: Path, *, error_name: str) -> dict:
-    """<name>.csv for every table, and the error and adherence plots; returns the figure paths."""
+    """<name>.csv for every table, and the error plot (<ERROR_TABLES[error_name]>.png) and adherence plot;
+    returns the figure paths."""
     from modules import plotting
 
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False)
-    figures = {"mse_per_sparsity": plotting.plot_error_per_sparsity(tables["mse_per_sparsity"], error_name,
-                                                                     out_dir / "mse_per_sparsity.png")}
+    error_table = ERROR_TABLES[error_name]
+    figures = {error_table: plotting.plot_error_per_sparsity(tables[error_table], error_name,
+                                                              out_dir / f"{error_table}.png")}
     if "adherence" in tables:
         figures["adherence"] = plotting.plot_adherence(tables["adherence"], out_dir / "adherence.png")
     return figures
@@ -440,9 +505,10 @@ def _log_to_wandb(run, tables: dict, figures: dict) -> None:
 
         for name, table in tables.items():
             run.log({f"eval/{name}": wandb.Table(dataframe=table.astype({c: str for c in table.columns[:1]}))})
-        if "mse_per_sparsity" in tables:  # the means over levels as scalars, for the dashboard's run comparison
-            mean = tables["mse_per_sparsity"].iloc[-1]
-            run.summary.update({f"eval/{c}_mean": float(mean[c]) for c in mean.index if c != "sparsity"})
+        for error_table in ERROR_TABLES.values():  # the means over levels as scalars, for comparing runs
+            if error_table in tables:
+                mean = tables[error_table].iloc[-1]
+                run.summary.update({f"eval/{c}_mean": float(mean[c]) for c in mean.index if c != "sparsity"})
         for name, path in figures.items():
             run.log({f"eval/{name}_plot": wandb.Image(str(path))})
     except Exception as err:  # W&B never breaks an evaluation

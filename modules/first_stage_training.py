@@ -3,7 +3,8 @@ Rombach et al. 2022, Sec. 3 and App. G), optionally with a PatchGAN discriminato
 
 `python train_first_stage.py --cfg_name first_stage_biked_small` trains it with the shared CLI and run directory
 (modules/training.py) and, at the end, exports the autoencoder in diffusers format to `<run>/first_stage/`, which an
-mcLDM config uses as `first_stage: {pretrained: <run>/first_stage, subfolder: null}`.
+mcLDM config uses as `first_stage: {pretrained: <run>/first_stage, subfolder: null}`; a complete run (or one with
+--export) also copies it to the config's `export_to` (ExportFirstStage has the rules).
 
 Loss, per image x with reconstruction x̂ = D(z), z ~ q(z | x):
     rec(x, x̂) + kl_weight / P · KL(q(z | x) ‖ N(0, I))   [+ λ · (−mean D_φ(x̂)) with the discriminator]
@@ -76,9 +77,14 @@ class FirstStageRunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=20, batch_size=32))
     sample_grid: ReconstructionGridConfig = field(default_factory=ReconstructionGridConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # a stable folder that also receives the export (replaced as a whole), so an mcLDM config can name it;
-    # null = only <run>/first_stage/
+    # a stable folder that also receives the export (replaced as a whole, saying so), so an mcLDM config can name
+    # it; null = only <run>/first_stage/. Only a complete run writes it: not one shortened below
+    # export_min_epochs, stopped early, interrupted or a fast_dev_run, unless export_force
     export_to: Optional[str] = None
+    # null: trainer.max_epochs as the config file sets it (filled in when the file is read), so a trial run with
+    # `--max_epochs 1` leaves the stable export alone
+    export_min_epochs: Optional[int] = None
+    export_force: bool = False  # --export: write export_to whatever the run
 
 
 def autoencoder_config(cfg: FirstStageRunConfig) -> dict:
@@ -136,6 +142,24 @@ def check_first_stage_run_config(cfg: FirstStageRunConfig, source: str) -> None:
     require(cfg.sample_grid.every_n_epochs >= 0, source, "sample_grid.every_n_epochs", "≥ 0 (0 = never)",
             cfg.sample_grid.every_n_epochs)
     require(cfg.sample_grid.n_images >= 1, source, "sample_grid.n_images", "≥ 1", cfg.sample_grid.n_images)
+    require(cfg.export_min_epochs is None or cfg.export_min_epochs >= 0, source, "export_min_epochs",
+            "≥ 0 or null (null: the config file's trainer.max_epochs)", cfg.export_min_epochs)
+    fill_export_min_epochs(cfg, source)
+
+
+def fill_export_min_epochs(cfg: FirstStageRunConfig, source: str) -> None:
+    """export_min_epochs = trainer.max_epochs as written in the config file, before --max_epochs or --set: the
+    check sees the overridden config, so the file is read again. `source` is the file's path, followed by
+    " with --set …" when --set changed keys (modules/training.load_run_config); a checkpoint's stored config (a
+    resume without a config file) already holds the value its first run filled in."""
+    from modules.config import read_yaml
+
+    path = Path(source.split(" with --set ")[0])
+    if cfg.export_min_epochs is not None or not path.is_file():
+        return
+    trainer = read_yaml(path).get("trainer")
+    default = FirstStageRunConfig.__dataclass_fields__["trainer"].default_factory().max_epochs
+    cfg.export_min_epochs = int(trainer.get("max_epochs", default) if isinstance(trainer, dict) else default)
 
 
 # --------------------------------------------------------------------------- model
@@ -307,9 +331,12 @@ class FirstStageModel(pl.LightningModule):
         std = torch.cat(means).std().item()
         return 1.0 / std if std > 0 else 1.0
 
-    def export(self, folder: Path, train_images: torch.Tensor) -> Path:
+    def export(self, folder: Path, train_images: torch.Tensor, run_dir: Optional[Path] = None) -> Path:
         """The autoencoder in diffusers format (`save_pretrained`), its scaling factor measured on (up to 512)
-        training images, and first_stage_info.json (image size, channels, scaling factor, epoch)."""
+        training images, and first_stage_info.json (image size, channels, scaling factor, epoch, when and by which
+        run it was exported)."""
+        import datetime as dt
+
         from modules.image_data import to_model_range
 
         images = to_model_range(train_images[:512], self.cfg.data.value_range)
@@ -320,7 +347,9 @@ class FirstStageModel(pl.LightningModule):
         autoencoder.save_pretrained(str(folder))
         info = {"image_size": self.cfg.data.image_size, "channels": self.cfg.data.channels,
                 "value_range": self.cfg.data.value_range, "scaling_factor": scaling,
-                "epochs": int(self.current_epoch), "global_step": int(self.global_step)}
+                "epochs": int(self.current_epoch), "global_step": int(self.global_step),
+                "exported": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "run_dir": str(run_dir) if run_dir is not None else None}
         (folder / "first_stage_info.json").write_text(json.dumps(info, indent=2))
         return folder
 
@@ -366,33 +395,134 @@ class ReconstructionGridCallback(pl.Callback):
 
 
 class ExportFirstStage(pl.Callback):
-    """At the end of training: <run>/first_stage/ in diffusers format (and a copy in `export_to`), and the config
-    line that uses it."""
+    """At the end of training (and when it is interrupted): <run>/first_stage/ in diffusers format, the config
+    line that uses it, and a copy in `export_to` for a complete run only (or with `force`, the --export flag).
 
-    def __init__(self, run_dir: Path, export_to: Optional[str] = None):
-        self.folder = Path(run_dir) / "first_stage"
+    A complete run trained trainer.max_epochs, at least `min_epochs` (the config file's max_epochs: a
+    `--max_epochs 1` trial does not count) and is no fast_dev_run. An existing export_to is replaced atomically,
+    with a line saying what it held; a folder there that is no first stage is left alone. Files get mode 644,
+    folders 755, whatever the umask (safetensors writes 600), so other users and containers can read them."""
+
+    def __init__(self, run_dir: Path, export_to: Optional[str] = None, *, min_epochs: Optional[int] = None,
+                 force: bool = False):
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "first_stage"
         self.export_to = Path(export_to) if export_to else None
+        self.min_epochs, self.force = min_epochs, force
 
     def on_train_end(self, trainer, pl_module):
-        folder = pl_module.export(self.folder, trainer.datamodule.tensors["train"][0])
+        self._export(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        # the model of the last finished step is still sound (LastCheckpoint, called before, has saved it): the
+        # run's own export is written, export_to only with --export
+        stopped = ("stopped by SIGTERM" if isinstance(exception, SIGTERMException)
+                   else "interrupted" if isinstance(exception, KeyboardInterrupt) else None)
+        if stopped:
+            try:
+                self._export(trainer, pl_module, stopped=stopped)
+            except Exception as err:  # never hide the interruption (and its resume line) behind an export error
+                print(f"could not export the first stage of the {stopped} run: {type(err).__name__}: {err}")
+
+    def skip_reason(self, trainer, stopped: Optional[str] = None) -> Optional[str]:
+        """Why this run is not a complete one (None: it is)."""
+        done, planned = int(trainer.current_epoch), int(trainer.max_epochs)
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if stopped:
+            return (f"the run was {stopped} in epoch {done + 1} of {planned}; resume it with --ckpt_path {last} "
+                    "(it exports when it completes)")
+        if trainer.fast_dev_run:
+            return "this is a fast_dev_run (a smoke test, not a trained autoencoder)"
+        if done < planned:
+            return f"the run stopped early, after {done} of {planned} epochs"
+        if self.min_epochs is not None and done < self.min_epochs:
+            if planned < self.min_epochs:
+                return f"--max_epochs {planned} is below the config's {self.min_epochs} (trainer.max_epochs)"
+            return f"{done} epochs trained, below export_min_epochs = {self.min_epochs}"
+        return None
+
+    def _export(self, trainer, pl_module, stopped: Optional[str] = None) -> None:
+        if not trainer.is_global_zero:
+            return  # one process writes
+        images = trainer.datamodule.tensors["train"][0]
+        folder = write_folder_atomically(self.folder, lambda staging: pl_module.export(staging, images, self.run_dir))
         where = f"{folder}"
         if self.export_to is not None:
-            folder = copy_folder_atomically(folder, self.export_to)
-            where += f" and {folder}"
+            reason = self.skip_reason(trainer, stopped)
+            if reason and not self.force:
+                print(f"\nnot exported to {self.export_to}: {reason}; pass --export to export anyway (or name this "
+                      "run's export in the mcLDM config, below)")
+            elif self._replace(folder, self.export_to, reason):
+                folder = self.export_to
+                where += f" and {folder}"
         scaling = json.loads((folder / "first_stage_info.json").read_text())["scaling_factor"]
         print(f"\nfirst stage exported to {where} (scaling factor {scaling:.5f}); use it in an mcLDM config:\n"
               f"  first_stage: {{pretrained: {folder}, subfolder: null}}")
 
+    @staticmethod
+    def _replace(folder: Path, target: Path, reason: Optional[str]) -> bool:
+        """Copy `folder` to `target`, saying what it replaces; False (and why) when `target` is no first stage."""
+        holds_export = target.is_dir() and (target / "config.json").is_file()
+        if target.exists() and not holds_export and not (target.is_dir() and not any(target.iterdir())):
+            print(f"\nnot exported to {target}: it exists and holds no first stage (no config.json); move it away "
+                  "or set export_to to another folder")
+            return False
+        if reason:
+            print(f"\nexporting to {target} as --export asks, although {reason}")
+        if holds_export:
+            print(f"\nreplacing the existing first stage at {target} ({describe_export(target)})")
+        copy_folder_atomically(folder, target)
+        return True
 
-def copy_folder_atomically(source: Path, target: Path) -> Path:
-    """Replace `target` by a copy of `source`: copied beside it first, so a crash never leaves half a folder."""
+
+def describe_export(folder: Path) -> str:
+    """When, how long and by which run an export was trained, from its first_stage_info.json (the file's time for
+    exports written before it recorded that)."""
+    import datetime as dt
+
+    info_path = Path(folder) / "first_stage_info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    when = info.get("exported")
+    if not when:
+        stamp = (info_path if info_path.is_file() else Path(folder) / "config.json").stat().st_mtime
+        when = dt.datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
+    parts = [f"trained {when.replace('T', ' ')}"]
+    if "epochs" in info:
+        parts.append(f"{info['epochs']} epochs")
+    if info.get("run_dir"):
+        parts.append(f"run {info['run_dir']}")
+    return ", ".join(parts)
+
+
+def _make_readable(folder: Path) -> None:
+    """Files 644, folders 755: an export is for others to read (safetensors and temp files come out 600)."""
+    import os
+
+    os.chmod(folder, 0o755)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
+def write_folder_atomically(target: Path, write) -> Path:
+    """Replace the folder `target` by what `write(staging)` writes: written beside it first (then made readable),
+    so a crash never leaves half a folder."""
     import os
     import shutil
 
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    write(staging)
+    _make_readable(staging)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)
@@ -401,9 +531,16 @@ def copy_folder_atomically(source: Path, target: Path) -> Path:
     return target
 
 
+def copy_folder_atomically(source: Path, target: Path) -> Path:
+    """Replace `target` by a copy of `source` (see write_folder_atomically)."""
+    import shutil
+
+    return write_folder_atomically(target, lambda staging: shutil.copytree(source, staging))
+
+
 def first_stage_callbacks(cfg: FirstStageRunConfig, run_dir: Path) -> list:
     grid = [ReconstructionGridCallback(run_dir, cfg.sample_grid)] if cfg.sample_grid.every_n_epochs else []
-    return [*grid, ExportFirstStage(run_dir, cfg.export_to)]
+    return [*grid, ExportFirstStage(run_dir, cfg.export_to, min_epochs=cfg.export_min_epochs, force=cfg.export_force)]
 
 
 # --------------------------------------------------------------------------- build and evaluate

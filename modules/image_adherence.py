@@ -10,7 +10,8 @@ from torch import nn
 from modules.baselines import informative, majority_scores
 from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
-from modules.evaluation import level_masks, mask_draws
+from modules.evaluation import count_column, level_column, level_masks, mask_draws
+from modules.progress import bar
 
 
 class ConditionClassifier(nn.Module):
@@ -62,14 +63,20 @@ def fit_condition_classifier(images: torch.Tensor, cat: torch.Tensor, num: torch
 
 
 def _train(model, optimizer, images, cat, num, tokens, epochs: int, batch_size: int, generator) -> None:
-    for _ in range(epochs):
+    starts = range(0, len(images), batch_size)
+    progress = bar(desc="adherence CNN", total=epochs * len(starts), unit="batch")
+    for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator).to(images.device)
-        for start in range(0, len(images), batch_size):
+        for start in starts:
             idx = order[start:start + batch_size]
             loss = _loss(model, images[idx], cat[idx], num[idx], tokens)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            progress.update()
+        if starts and not progress.disable:  # once per epoch, and only for a drawn bar: reading the loss syncs
+            progress.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{float(loss.detach()):.3f}", refresh=False)
+    progress.close()
 
 
 @torch.no_grad()
@@ -129,7 +136,8 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
     """Accuracy / R² of the classifier on real test images and on images generated from the test conditions at
     each sparsity level, scored on the conditions that were neither missing nor masked. `majority`: the accuracy
     of always answering the most frequent training category (the R² of the training mean for numerical
-    conditions), the floor a useful classifier must beat; `informative`: the real images clear it.
+    conditions), the floor a useful classifier must beat; `informative`: the real images clear it. `n`: the real
+    test images scored, `n_<level>`: the generated images scored at that level.
     `on_generated(level, images)` sees each level's generated images (for the FID)."""
     schema = model.schema
     tokens = torch.tensor(schema.mask_tokens(), device=cat.device)
@@ -149,7 +157,8 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
         row["n"] = counts[name]
     uniform = mask_draws(cat, num, cfg)
     g = torch.Generator(device=cat.device).manual_seed(cfg.paper_z_seed + 3000)
-    for level in cfg.sparsity_levels:
+    scored = {name: {} for name in rows}
+    for level in bar(cfg.sparsity_levels, desc="adherence of generated images", unit="level"):
         conditions = level_masks(model, cat, num, level, uniform)
         generated = generate_in_chunks(model, conditions, g)
         if on_generated is not None:
@@ -157,8 +166,12 @@ def image_adherence(model, classifier: ConditionClassifier, images, cat, num, cf
         keep_cat = known_cat & (conditions.categorical != tokens)
         keep_num = known_num & ~conditions.numerical_mask
         for name, value in _scores(schema, _predict(classifier, generated), cat, num, keep_cat, keep_num).items():
-            rows[name][f"{level:g}"] = value
-    return pd.DataFrame(list(rows.values()))
+            rows[name][level_column(level)] = value
+        for j, c in enumerate(schema.categorical):
+            scored[c.name][count_column(level)] = int(keep_cat[:, j].sum())
+        for j, c in enumerate(schema.numerical):
+            scored[c.name][count_column(level)] = int(keep_num[:, j].sum())
+    return pd.DataFrame([{**rows[name], **scored[name]} for name in rows])
 
 
 @torch.no_grad()
@@ -170,11 +183,12 @@ def nearest_image_adherence(generated: torch.Tensor, images: torch.Tensor, cat: 
     to; it has to draw bikes like the real ones that have the asked conditions. `real`: the same for the real
     test images (the reference); `generated`: images generated from the same rows' conditions, none masked.
     Accuracy for categorical conditions, R² for numerical ones, over the rows where both values are known."""
-    def nearest(queries: torch.Tensor) -> torch.Tensor:
+    def nearest(queries: torch.Tensor, which: str) -> torch.Tensor:
         flat = queries.flatten(1).float()
         best = torch.full((len(flat),), float("inf"), device=flat.device)
         index = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
-        for start in range(0, len(train_images), chunk):
+        for start in bar(range(0, len(train_images), chunk), desc=f"nearest training image of the {which} images",
+                         unit="chunk"):
             block = train_images[start:start + chunk].flatten(1).float().to(flat.device)
             distance, position = torch.cdist(flat, block).min(dim=1)
             closer = distance < best
@@ -186,7 +200,7 @@ def nearest_image_adherence(generated: torch.Tensor, images: torch.Tensor, cat: 
     rows = {c.name: {"condition": c.name, "metric": "accuracy" if c.kind == "categorical" else "r2",
                      "majority": majority[c.name]} for c in schema.conditions}
     for name, queries in (("real", images), ("generated", generated)):
-        index = nearest(queries)
+        index = nearest(queries, name)
         lent_cat = train_cat[index.to(train_cat.device)].to(cat.device)  # the neighbours' conditions
         lent_num = train_num[index.to(train_num.device)].to(num.device)
         keep_cat = (cat != tokens) & (lent_cat != tokens)
@@ -218,6 +232,8 @@ def asked_for_adherence(model, classifier: ConditionClassifier, images: torch.Te
     unmasked_num = torch.zeros_like(asked_num, dtype=torch.bool)
     g = torch.Generator(device=cat.device).manual_seed(seed)
     out = []
+    progress = bar(desc="asked-for adherence", total=sum(len(schema.vocabulary_of(c.name)) for c in schema.categorical),
+                   unit="category")
     for j, cond in enumerate(schema.categorical):
         vocab = schema.vocabulary_of(cond.name)
         known_train = train_cat[:, j][train_cat[:, j] != tokens[j].to(train_cat.device)]
@@ -235,10 +251,12 @@ def asked_for_adherence(model, classifier: ConditionClassifier, images: torch.Te
                 "n_real": int(real_rows.sum()),
                 "real": float((predicted_real[real_rows, j] == k).float().mean()) if real_rows.any() else float("nan"),
                 "generated": share})
+            progress.update()
         frame = pd.DataFrame(per_category)
         present = frame[frame["n_real"] > 0]  # like for like: the categories that have real test images
         out.extend(per_category)
         out.append({"condition": cond.name, "category": f"balanced (mean over the {len(present)} categories in the test split)",
                     "train_share": float("nan"), "n_real": int(frame["n_real"].sum()),
                     "real": float(present["real"].mean()), "generated": float(present["generated"].mean())})
+    progress.close()
     return pd.DataFrame(out)

@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 import torch
 
 from modules.config import EvaluationConfig
-from modules.evaluation import (_chunked_mean, _Progress, diversity, error_per_sparsity, evaluation_inputs,
-                                level_masks, mask_draws, printed_tables, publish, sample_based_per_sparsity,
-                                save_tables)
+from modules.evaluation import (ADHERENCE_COUNTS_HEADING, ERROR_TABLES, _chunked_mean, _Progress, diversity,
+                                error_per_sparsity, evaluation_inputs, level_masks, mask_draws, printed_tables,
+                                publish, sample_based_per_sparsity, save_tables)
 from modules.image_data import from_model_range, to_model_range
+from modules.progress import shows_progress
 
 
 @dataclass
@@ -92,10 +93,13 @@ def image_grid(rows: list[torch.Tensor], path: Path, *, labels: Optional[list[Op
     return Path(path)
 
 
+@shows_progress
 @torch.no_grad()
 def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optional[EvaluationConfig] = None,
                     wandb_run=None, quiet: bool = False) -> dict:
-    """Write eval/{mse_per_sparsity,diversity}.csv, mse_per_sparsity.png, samples.png and summary.json."""
+    """Write eval/{mse_per_sparsity,diversity,adherence,…}.csv, mse_per_sparsity.png, adherence.png, samples.png
+    and summary.json. Unless `quiet`, every stage prints a line and the long ones (the samples, the adherence CNN,
+    the mcLDM's denoising steps) draw a progress bar on a terminal's stderr."""
 
     limit = (cfg or model.cfg.evaluation).max_images
     cfg, out_dir, (raw, cat, num) = evaluation_inputs(
@@ -104,7 +108,8 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
     target = model.evaluation_target(images)  # the images, or for a latent model the decoded ground truth
     progress = _Progress(quiet)
     progress("single-z errors")
-    tables = {"mse_per_sparsity": error_per_sparsity(
+    error_table = ERROR_TABLES["mse"]
+    tables = {error_table: error_per_sparsity(
         model, target, cat, num, cfg, name="mse",
         error=lambda generated: (generated - target).pow(2).mean().item())}
     tr_raw, tr_cat, tr_num = dm.split_images("train")
@@ -113,9 +118,9 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         progress(f"{cfg.samples_per_design} samples per image")
         sampled = sample_based_per_sparsity(model, target, cat, num, cfg, train=tr_raw, name="mse", per_feature=True,
                                             to_space=to_range)
-        tables["mse_per_sparsity"] = tables["mse_per_sparsity"].merge(sampled, on="sparsity", sort=False)
+        tables[error_table] = tables[error_table].merge(sampled, on="sparsity", sort=False)
     elif cfg.baselines:  # the mean training image alone
-        tables["mse_per_sparsity"]["train_mean_mse"] = float(
+        tables[error_table]["train_mean_mse"] = float(
             (_chunked_mean(tr_raw, to_range).to(model.device)[None] - target).pow(2).mean())
     progress("diversity")
     tables["diversity"] = diversity(model, images, cat, num, cfg)
@@ -169,7 +174,7 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         rows.append(from_model_range(generated, dm.cfg.value_range))
         labels.append(f"generated from their conditions, sparsity {level} (one shared x_T / z)")
     figures["samples"] = image_grid(rows, out_dir / "samples.png", labels=labels)
-    mse = tables["mse_per_sparsity"].set_index("sparsity")
+    mse = tables[error_table].set_index("sparsity")
     summary = {"split": split, "n_images": int(len(images)), "samples_per_image": cfg.samples_per_design,
                **{column: {str(k): float(v) for k, v in mse[column].items()} for column in mse.columns
                   if column != "train_mean_mse"},
@@ -182,9 +187,9 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
         if name in tables:
             summary[name] = tables[name].to_dict(orient="records")
     k = cfg.samples_per_design
-    printed = printed_tables(tables["mse_per_sparsity"], "mse")
+    printed = printed_tables(tables, "mse")
     publish(out_dir, tables, figures, summary, wandb_run=wandb_run, quiet=quiet, printed=printed, headings={
-        "mse_per_sparsity": f"Pixel MSE (value range {dm.cfg.value_range}) per evaluation sparsity on the {split} "
+        error_table: f"Pixel MSE (value range {dm.cfg.value_range}) per evaluation sparsity on the {split} "
                             f"split, {len(images)} images. single_z: the paper's protocol (one z / x_T for every "
                             "image); prior: a z per image" + (
                                 f"; ES: energy score from {k} samples per image (lower is better, proper); "
@@ -194,7 +199,8 @@ def evaluate_images(model, dm, out_dir: Path, *, split: str = "test", cfg: Optio
                      f"of {k} random training images (train_sample), on the same masks:" if k else
                      "Baselines: pixel MSE of the mean training image (train_mean):",
         "adherence": "Condition adherence (accuracy / R² of a CNN trained on real training images; majority: without "
-                     "looking at the image; informative: real images clear it):",
+                     "looking at the image; informative: real images clear it; n: real images scored):",
+        "adherence_n": ADHERENCE_COUNTS_HEADING.format(what="Generated images"),
         "adherence_nearest": "Adherence by the nearest real training image (pixel distance; no network to fool): "
                              "its conditions against the asked ones, for the real test images and for images "
                              "generated from their conditions, none masked:",

@@ -23,6 +23,7 @@ from modules.diffusion_components.first_stage import FirstStage, FirstStageConfi
 from modules.diffusion_components.unet import LAYOUTS, UNetConfig, build_unet, downsampling_factor
 from modules.image_data import ImageDataConfig
 from modules.image_evaluation import SampleGridConfig
+from modules.progress import bar
 
 
 @dataclass
@@ -183,8 +184,9 @@ class MCLDM(ImageSampling, MaskedConditioningModule):
         """The decoded ground truth D(E(x)): what a perfect latent model could reach (errors of the first stage
         itself are not the diffusion model's)."""
         fs, out = self.first_stage(), []
-        for start in range(0, len(images), self.cfg.speed.generation_batch_size):
-            out.append(self.decode_latents(fs.encode(images[start:start + self.cfg.speed.generation_batch_size])))
+        step = self.cfg.speed.generation_batch_size
+        for start in bar(range(0, len(images), step), desc="first-stage ground truth D(E(x))", unit="batch"):
+            out.append(self.decode_latents(fs.encode(images[start:start + step])))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ training

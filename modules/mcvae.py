@@ -80,6 +80,13 @@ def check_mcvae_config(cfg: MCVAERunConfig, source: str) -> None:
     require(m.temperature >= 0, source, "model.temperature", "≥ 0 (0: the prior mean)", m.temperature)
     require(m.decoder_sigma is None or m.decoder_sigma > 0, source, "model.decoder_sigma", "> 0 or null",
             m.decoder_sigma)
+    from modules.errors import UserError
+    from modules.plotting import resolve_plot_style
+
+    try:  # a style that cannot draw these columns fails now, not at `sample.py --plot` after training
+        resolve_plot_style(cfg.data.plot_style, cfg.data.design_columns)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
 
 
 def mlp(dims: list[int], activation: type[nn.Module], *, last_activation: bool) -> nn.Sequential:

@@ -21,6 +21,7 @@ class ModelSpec:
     extra_flags: tuple = ()  # (flag, section, key, help): CLI overrides of this model's train script
     callbacks: Optional[Callable[..., list]] = None  # (cfg, run_dir) -> extra Lightning callbacks
     resume_sections: tuple = ("model", "conditioning")  # config sections a resumed run must not change
+    generates: str = "designs"  # "designs" (rows of a CSV) or "images" (what sample.py --out must be)
 
 
 # --------------------------------------------------------------------------- mcVAE
@@ -141,7 +142,7 @@ def _conv_mcvae_spec() -> ModelSpec:
                      ConvMCVAERunConfig, check_conv_mcvae_config, _build_conv_mcvae,
                      _checkpoint_loader(ConvMCVAE, ConvMCVAERunConfig, _image_datamodule), _evaluate_images,
                      extra_flags=(IMAGES_PATH_FLAG,),
-                     callbacks=_image_callbacks)
+                     callbacks=_image_callbacks, generates="images")
 
 
 CONV_MCVAE_SPEC = _conv_mcvae_spec()
@@ -205,7 +206,8 @@ def _mcldm_spec() -> ModelSpec:
     return ModelSpec("mcldm", "Train an mcLDM: latent diffusion with masked conditions on a frozen AutoencoderKL.",
                      MCLDMRunConfig, check_mcldm_config, _build_mcldm, load, _evaluate_images,
                      extra_flags=(IMAGES_PATH_FLAG,),
-                     callbacks=_image_callbacks, resume_sections=("unet", "conditioning", "first_stage"))
+                     callbacks=_image_callbacks, resume_sections=("unet", "conditioning", "first_stage"),
+                     generates="images")
 
 
 MCLDM_SPEC = _mcldm_spec()
@@ -213,6 +215,12 @@ SPECS = {spec.model_type: spec for spec in (MCVAE_SPEC, CONV_MCVAE_SPEC, MCLDM_S
 
 
 # --------------------------------------------------------------------------- first stage of the mcLDM
+
+
+# a switch (the config key is a bool) setting the top-level key export_force (section None)
+EXPORT_FLAG = ("--export", None, "export_force", "copy the autoencoder to export_to even when this run is not a "
+               "complete one (--max_epochs below the config's, stopped early, interrupted); it replaces what is "
+               "there, saying so")
 
 
 def _first_stage_spec() -> ModelSpec:
@@ -225,7 +233,7 @@ def _first_stage_spec() -> ModelSpec:
     return ModelSpec("first_stage", "Train the mcLDM's first stage: a diffusers AutoencoderKL on your images.",
                      FirstStageRunConfig, check_first_stage_run_config, build_first_stage,
                      _checkpoint_loader(FirstStageModel, FirstStageRunConfig, _image_datamodule), evaluate_first_stage,
-                     extra_flags=(IMAGES_PATH_FLAG,),
+                     extra_flags=(IMAGES_PATH_FLAG, EXPORT_FLAG),
                      callbacks=first_stage_callbacks, resume_sections=("autoencoder", "loss", "discriminator"))
 
 

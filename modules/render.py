@@ -34,6 +34,12 @@ TUBES = [  # (from, to): BIKED reference points joined by a tube
     ("head_tube_top", "stem_top"),  # stem
     ("seat_tube_top", "saddle_top"),  # seat post
 ]
+DRAWN_POINTS = ("rear_wheel_center", "BB", "front_wheel_center", "head_tube_top", "rear_tube_connect_seat_tube",
+                "top_tube_connect_seat_tube", "top_tube_connect_head_tube", "down_tube_connect_head_tube", "stem_top",
+                "front_fork", "saddle_top", "seat_tube_top")
+# the BIKED design columns `render_bike` reads (x_NAME, y_NAME of every drawn point and both wheel diameters)
+DESIGN_COLUMNS = tuple(f"{axis}_{point}" for point in DRAWN_POINTS for axis in "xy") + (
+    "Wheel diameter rear", "Wheel diameter front")
 CONDITION_NAMES = {  # BIKED condition columns the renderer reads
     "rim_front": "RIM_STYLE front",
     "rim_rear": "RIM_STYLE rear",

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime as dt
 import os
+import shlex
+import signal
 import socket
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +25,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from modules.config import build_dataclass, config_path, read_yaml, to_dict
+from modules.config import (build_dataclass, check_dotted_key, config_path, parse_assignment, read_yaml, set_dotted,
+                            to_dict)
 from modules.errors import TrainingDiverged, UserError
 from modules.sparsity import SparsitySchedule, SparsityScheduler
 
@@ -47,16 +53,22 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--strategy", help="override trainer.strategy (ddp for several devices or nodes)")
     p.add_argument("--precision", help="override trainer.precision (32-true, bf16-mixed, 16-mixed)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end of training")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one config key (repeatable; the value is read as YAML), e.g. --set optimizer.lr=3e-4 "
+                        "--set model.latent_dim=16")
     return p
 
 
 def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callable[[Any, str], None] | None = None,
-                    extra_flags: tuple = ()):
-    """Read the YAML named on the command line, apply the CLI overrides and validate; returns (config, source).
-    `extra_flags`: a model's own (flag, section, key, help) overrides, such as --images_path."""
-    path = config_path(args.cfg_name, args.config)
-    raw = read_yaml(path)
-    source = str(path)
+                    extra_flags: tuple = (), stored: Optional[dict] = None):
+    """Read the YAML named on the command line, apply the CLI overrides (flags, then --set) and validate; returns
+    (config, source). `extra_flags`: a model's own (flag, section, key, help) overrides, such as --images_path.
+    `stored`: the config a checkpoint holds; it is the run's config when --ckpt_path comes without a config file."""
+    if stored is not None and not (args.cfg_name or args.config):
+        raw, source = copy.deepcopy(stored), f"{args.ckpt_path} (the checkpoint's config)"
+    else:
+        path = config_path(args.cfg_name, args.config)
+        raw, source = read_yaml(path), str(path)
     overrides = {
         ("data", "csv_path"): args.csv_path,
         ("trainer", "max_epochs"): args.max_epochs,
@@ -69,15 +81,34 @@ def load_run_config(args: argparse.Namespace, config_cls: type, *, check: Callab
         **{(section, key): getattr(args, flag.lstrip("-")) for flag, section, key, _ in extra_flags},
     }
     for (section, key), value in overrides.items():
-        if value is not None:
+        if value is not None and section is None:  # a top-level key, such as the first stage's export_force
+            raw[key] = value
+        elif value is not None:
             if not isinstance(raw.get(section, {}), dict):
                 raise UserError(f"{source}: '{section}' must be a mapping.")
             raw.setdefault(section, {})[key] = value
+    assignments = [parse_assignment(text) for text in getattr(args, "overrides", None) or []]
+    for key, value in assignments:
+        check_dotted_key(config_cls, key)
+        set_dotted(raw, key, value)
+    if assignments:
+        source += " with " + " ".join(f"--set {key}={value!r}" for key, value in assignments)
     cfg = build_dataclass(config_cls, raw, source=source)
     check_common(cfg, source)
     if check:
         check(cfg, source)
     return cfg, source
+
+
+def flag_options(config_cls: type, section: Optional[str], key: str) -> dict:
+    """argparse options of a model's extra flag: a switch (present → True, absent → no override) when the key it
+    sets is a bool, such as the first stage's --export; otherwise it takes a value."""
+    import dataclasses
+    import typing
+
+    node = config_cls if section is None else typing.get_type_hints(config_cls).get(section)
+    hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+    return {"action": "store_true", "default": None} if hints.get(key) is bool else {}
 
 
 def _devices(value: Optional[str]):
@@ -229,6 +260,51 @@ def check_resume_compatible(hparams: dict, cfg, source: str, ckpt_path: str,
                         "or start a new run.")
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint stands: its optimizer step, its epoch, and whether it was written inside that epoch."""
+    global_step: int
+    epoch: int
+    mid_epoch: bool
+
+    @property
+    def next_epoch(self) -> int:
+        """The first epoch a resumed run trains (the checkpoint's own epoch when it stopped inside it)."""
+        return self.epoch if self.mid_epoch else self.epoch + 1
+
+
+def resume_step(checkpoint: dict) -> ResumePoint:
+    state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if "LastCheckpoint" in str(k)), {})
+    return ResumePoint(int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1)),
+                       bool(state.get("mid_epoch", False)))
+
+
+def trim_metrics(metrics_csv: Path, point: ResumePoint) -> int:
+    """Drop the rows of <run>/metrics.csv that were logged after the checkpoint a run resumes from: the resumed run
+    trains those steps again and logs them anew, so no epoch appears twice. Rows are logged at the optimizer step;
+    the epoch rows of an epoch that the checkpoint stopped inside came after it. Returns the number dropped."""
+    if not metrics_csv.is_file():
+        return 0
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+
+    def after(row) -> bool:
+        step = int(float(row["step"])) if row.get("step") not in (None, "") else -1
+        epoch = int(float(row["epoch"])) if row.get("epoch") not in (None, "") else -1
+        return step > point.global_step or (point.mid_epoch and epoch >= point.epoch)
+
+    kept = [row for row in rows if not after(row)]
+    if len(kept) < len(rows):
+        tmp = metrics_csv.with_name(f".{metrics_csv.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, metrics_csv)
+    return len(rows) - len(kept)
+
+
 # --------------------------------------------------------------------------- trainer pieces
 
 
@@ -288,7 +364,8 @@ class LastCheckpoint(Checkpoint):
         step = trainer.global_step
         if self.every_n_steps and step // self.every_n_steps > self._last_saved_step // self.every_n_steps:
             self._save(trainer, mid_epoch=True)
-        if getattr(trainer, "received_sigterm", False):  # Lightning only notes the signal; stop at this boundary
+        if getattr(trainer, "received_sigterm", False) or getattr(trainer, "interrupt_reason", None):
+            # Lightning only notes the signal (our Ctrl+C handler does the same); stop at this step boundary
             from pytorch_lightning.utilities.exceptions import SIGTERMException
 
             raise SIGTERMException()  # → on_exception below writes last.ckpt
@@ -301,14 +378,75 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer, pl_module, exception):
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException):  # preemption: keep the state of the last finished step
+        if isinstance(exception, SIGTERMException):  # preemption or Ctrl+C: keep the state of the last finished step
             self._save(trainer, mid_epoch=True)
-            print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; resume with --ckpt_path {self.path}")
+            reason = getattr(trainer, "interrupt_reason", None) or "SIGTERM"
+            print(f"{reason}: saved {self.path} at step {trainer.global_step}", flush=True)
 
     def _save(self, trainer, *, mid_epoch: bool) -> None:
         self._mid_epoch = mid_epoch
+        for logger in trainer.loggers:  # the metrics up to this checkpoint reach the disk with it (a kill loses none)
+            logger.save()
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: this file resumes the run
         self._last_saved_step = trainer.global_step
+
+
+class StopOnInterrupt:
+    """Ctrl+C (SIGINT) during `fit`: finish the current step, write last.ckpt, exit 130. Lightning's own handling
+    of KeyboardInterrupt stops mid-step and writes nothing; this routes the first Ctrl+C through the path of a
+    SIGTERM (the signal is noted, the step finishes, `LastCheckpoint.on_exception` saves). A second Ctrl+C exits at
+    once: atomic writes keep the last complete checkpoint intact."""
+
+    def __init__(self, trainer: pl.Trainer):
+        self.trainer, self.requested, self._previous = trainer, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print("\nsecond Ctrl+C: exiting now; last.ckpt holds the last completed checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(130)
+        self.requested = True
+        self.trainer.interrupt_reason = "Ctrl+C"
+        print("\nCtrl+C: finishing the current step, then saving last.ckpt (press Ctrl+C again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's bar with the training loss (the mean of the last refresh interval's steps), the validation loss
+    and the sparsity. The loss is read from the device only when the bar refreshes, so steps stay sync-free."""
+
+    def __init__(self, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self._losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if self._losses:
+            metrics["loss"] = f"{torch.stack(self._losses).float().mean().item():.4g}"
+            self._losses.clear()
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            metrics["val_loss"] = f"{float(val):.4g}"
+        if hasattr(pl_module, "sparsity"):
+            metrics["sparsity"] = f"{float(pl_module.sparsity):.2f}"
+        return metrics
 
 
 class NonFiniteLossGuard(Callback):
@@ -418,7 +556,7 @@ def build_trainer(cfg, run_dir: Path, *, use_wandb: bool, name: str, run_id: Opt
     # models without masked conditions (the first stage) have no sparsity schedule
     sparsity = [SparsityScheduler(SparsitySchedule.from_config(cfg.sparsity))] if hasattr(cfg, "sparsity") else []
     callbacks = [*sparsity, NonFiniteLossGuard(), checkpoint, last,
-                 TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
+                 LossProgressBar(refresh_rate=max(1, t.log_every_n_steps // 5)), *extra_callbacks]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
@@ -473,13 +611,17 @@ def train_main(argv, spec) -> int:
     quiet_lightning()
     parser = common_parser(spec.description)
     for flag, section, key, help_text in spec.extra_flags:
-        parser.add_argument(flag, help=help_text)
+        parser.add_argument(flag, help=help_text, **flag_options(spec.config_cls, section, key))
     args = parser.parse_args(argv)
-    cfg, source = load_run_config(args, spec.config_cls, check=spec.check, extra_flags=spec.extra_flags)
-    hparams, start_epoch = None, 0
-    if args.ckpt_path:
-        resume_from = read_checkpoint(args.ckpt_path)
-        hparams, start_epoch = resume_from["hyper_parameters"], int(resume_from.get("epoch", -1)) + 1
+    resume_from = read_checkpoint(args.ckpt_path) if args.ckpt_path else None
+    hparams = resume_from["hyper_parameters"] if resume_from else None
+    # resume from the checkpoint alone: the config it stores is the run's config
+    cfg, source = load_run_config(args, spec.config_cls, check=spec.check, extra_flags=spec.extra_flags,
+                                  stored=hparams["config"] if hparams else None)
+    start_epoch, point = 0, None
+    if resume_from is not None:
+        point = resume_step(resume_from)
+        start_epoch = point.next_epoch
         check_resume_compatible(hparams, cfg, source, args.ckpt_path, sections=spec.resume_sections)
         if start_epoch >= cfg.trainer.max_epochs:
             raise UserError(f"--ckpt_path {args.ckpt_path} has already trained {start_epoch} epochs and "
@@ -493,7 +635,7 @@ def train_main(argv, spec) -> int:
     dm, model = spec.build(cfg, hparams)  # reads and checks the data before anything is written
     if hparams is not None:
         dm.check_digest(hparams.get("split_digest"), args.ckpt_path)
-    name = args.name or args.cfg_name or Path(source).stem
+    name = args.name or args.cfg_name or (Path(args.config).stem if args.config else spec.model_type)
     shared = os.environ.get(RUN_DIR_ENV) if _launched_rank() else None  # a DDP child: rank 0's directory
     run_dir = (Path(shared) if shared else None) or (
         run_dir_of_checkpoint(Path(args.ckpt_path)) if args.ckpt_path else None) or make_run_dir(args.logdir, name)
@@ -512,6 +654,11 @@ def train_main(argv, spec) -> int:
     if not _launched_rank():
         write_config(cfg, run_dir)
         dm.split_frame().to_csv(run_dir / "split.csv", index=False)
+        if point is not None:
+            dropped = trim_metrics(run_dir / "metrics.csv", point)
+            if dropped:
+                print(f"metrics.csv: {dropped} row(s) logged after the checkpoint (step {point.global_step}) removed; "
+                      "the resumed run logs those epochs again")
     print(f"run directory: {run_dir}")
     if hasattr(dm, "split_summary"):
         print(dm.split_summary)
@@ -519,10 +666,16 @@ def train_main(argv, spec) -> int:
     started = time.perf_counter()
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    interrupt = StopOnInterrupt(setup.trainer)
     try:
-        setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
+        with interrupt:
+            setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
     except SIGTERMException:
-        print(f"stopped by SIGTERM (preemption); resume with --ckpt_path {last}")
+        resume = resume_command(spec, last, setup.trainer)
+        if interrupt.requested:
+            print(f"interrupted (Ctrl+C); resume with:\n  {resume}")
+            return 130
+        print(f"stopped by SIGTERM (preemption); resume with:\n  {resume}")
         return 143
     except TrainingDiverged as err:
         where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
@@ -530,7 +683,11 @@ def train_main(argv, spec) -> int:
     if setup.trainer.global_rank != 0:
         return 0  # rank 0 plots and evaluates (once, on the whole test split)
     if setup.trainer.interrupted:
-        print(f"training interrupted; resume with --ckpt_path {last}")
+        print(f"training interrupted; resume with:\n  {resume_command(spec, last, setup.trainer)}")
+        return 130
+    if interrupt.requested:  # Ctrl+C after the last step: training is complete, the evaluation is what is skipped
+        print(f"Ctrl+C after the last training step: {last} is complete; evaluate it with:\n"
+              f"  python evaluate.py --ckpt {shlex.quote(str(last))}")
         return 130
     seconds = time.perf_counter() - started
     epochs = setup.trainer.current_epoch - start_epoch
@@ -546,7 +703,12 @@ def train_main(argv, spec) -> int:
     if not args.no_eval and len(dm.tensors["test"][0]) == 0:
         print("no evaluation: the test split is empty (data.split.test = 0)")
     elif not args.no_eval:
-        spec.evaluate(model, dm, run_dir / "eval", split="test", wandb_run=wandb_run)
+        try:
+            spec.evaluate(model, dm, run_dir / "eval", split="test", wandb_run=wandb_run)
+        except KeyboardInterrupt:
+            print(f"\nevaluation interrupted; the training is complete ({last}). Evaluate later with:\n"
+                  f"  python evaluate.py --ckpt {shlex.quote(str(last))}", file=sys.stderr)
+            return 130
     print(f"\ncheckpoints: {last}" + (f" (best: {setup.checkpoint.best_model_path})" if setup.checkpoint.best_model_path else ""))
     print(f"run directory: {run_dir}")
     if wandb_run is not None:
@@ -554,6 +716,20 @@ def train_main(argv, spec) -> int:
 
         wandb.finish()
     return 0
+
+
+TRAIN_SCRIPTS = {"mcvae": "train_mcvae.py", "conv_mcvae": "train_conv_mcvae.py", "mcldm": "train_mcldm.py",
+                 "first_stage": "train_first_stage.py"}
+
+
+def resume_command(spec, last: Path, trainer=None) -> str:
+    """The command that continues a run from `last` (its W&B run too, when it logged to one)."""
+    script = TRAIN_SCRIPTS.get(spec.model_type, Path(sys.argv[0]).name)
+    command = f"python {script} --ckpt_path {shlex.quote(str(last))}"
+    run = _wandb_run(trainer) if trainer is not None else None
+    if run is not None:
+        command += f" --use_wandb --run_id {run.id}"
+    return command
 
 
 def _wandb_run(trainer):

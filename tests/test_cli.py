@@ -46,7 +46,8 @@ def trained_run(tmp_path_factory, biked_frame):
 def test_run_directory_has_every_file(trained_run):
     run, _ = trained_run
     for name in ["config.yaml", "split.csv", "metrics.csv", "hparams.yaml", "checkpoints/last.ckpt",
-                 "plots/loss.png", "plots/sparsity.png", "eval/mse_per_sparsity.csv", "eval/mse_per_sparsity.png",
+                 "plots/loss.png", "plots/sparsity.png", "eval/errors_per_sparsity.csv",
+                 "eval/errors_per_sparsity.png",
                  "eval/adherence.csv", "eval/adherence.png", "eval/diversity.csv", "eval/validity.csv",
                  "eval/summary.json"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
@@ -63,7 +64,7 @@ def test_run_directory_has_every_file(trained_run):
     split = pd.read_csv(run / "split.csv")
     assert len(split) == 400 and set(split["split"]) == {"train", "val", "test"}
 
-    table = pd.read_csv(run / "eval/mse_per_sparsity.csv")
+    table = pd.read_csv(run / "eval/errors_per_sparsity.csv")
     assert table["sparsity"].tolist() == [str(round(0.1 * i, 1)) for i in range(10)] + ["mean"]
     model_columns = ["sse_paper", "sse_prior", "energy_score", "sse_mean_of_k", "sse_best_of_k"]
     baseline_columns = ["train_mean_sse", "train_mean_energy_score", "conditional_forest_sse",
@@ -172,8 +173,8 @@ def test_evaluate_cli_reproduces_the_training_evaluation(trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "eval"
     assert evaluate.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--out", str(out)]) == 0
-    a = pd.read_csv(run / "eval/mse_per_sparsity.csv")
-    b = pd.read_csv(out / "mse_per_sparsity.csv")
+    a = pd.read_csv(run / "eval/errors_per_sparsity.csv")
+    b = pd.read_csv(out / "errors_per_sparsity.csv")
     pd.testing.assert_frame_equal(a, b)
     assert evaluate.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--split", "val", "--out",
                           str(tmp_path / "v")]) == 0
@@ -282,7 +283,7 @@ def test_tiny_data_sets(tmp_path, biked_frame, tiny_biked_config, capsys):
     expect_error(capsys, code, "1 designs split", "need at least one design each")
     biked_frame.head(12).to_csv(tmp_path / "twelve.csv", index=False)
     assert train(tiny_biked_config, tmp_path / "l2", "--csv_path", str(tmp_path / "twelve.csv")) == 0
-    assert (run_dir_of(tmp_path / "l2") / "eval" / "mse_per_sparsity.csv").is_file()
+    assert (run_dir_of(tmp_path / "l2") / "eval" / "errors_per_sparsity.csv").is_file()
 
 
 def test_numerical_condition_must_be_finite(tmp_path, biked_slice, tiny_biked_config, capsys):

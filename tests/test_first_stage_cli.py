@@ -89,3 +89,137 @@ def test_resume_refuses_another_autoencoder(run, setup, tmp_path, capsys):
     code = train_first_stage.main(["--config", str(other), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
                                    "--max_epochs", "3"])
     expect_error(capsys, code, "autoencoder.latent_channels")
+
+
+# --------------------------------------------------------------------------- export rules
+
+
+def _snapshot(folder):
+    """Content hash and mtime of every file: "untouched" means both equal."""
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_readable(folder):
+    """Files 644, folders 755 (the folder itself included)."""
+    import stat
+
+    for path in [folder, *folder.rglob("*")]:
+        expected = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
+
+
+@pytest.fixture(scope="module")
+def two_epochs(setup, run):
+    """A config of 2 epochs without the discriminator, and an existing export at its export_to (a copy of the
+    module's run's, as a first `train_first_stage.py` would have left it)."""
+    import shutil
+
+    tmp, config = setup
+    raw = yaml.safe_load(config.read_text())
+    raw["discriminator"]["enabled"] = False
+    raw["trainer"]["max_epochs"] = 2
+    raw["sample_grid"]["every_n_epochs"] = 0
+    raw["export_to"] = str(tmp / "exports" / "fs2")
+    two = tmp / "two_epochs.yaml"
+    two.write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(run / "first_stage", tmp / "exports" / "fs2")
+    return two, tmp / "exports" / "fs2"
+
+
+@pytest.fixture
+def strict_umask():
+    import os
+
+    old = os.umask(0o077)  # files would come out 600 and folders 700 unless the export sets the modes
+    yield
+    os.umask(old)
+
+
+@pytest.mark.parametrize("shorter", [["--max_epochs", "1"], ["--set", "trainer.max_epochs=1"]], ids=["flag", "set"])
+def test_trial_run_leaves_the_export_alone(two_epochs, tmp_path, capsys, strict_umask, shorter):
+    config, export = two_epochs
+    before = _snapshot(export)
+    assert train_first_stage.main(["--config", str(config), "--logdir", str(tmp_path), *shorter, "--no_eval"]) == 0
+    out = capsys.readouterr().out
+    assert f"not exported to {export}: --max_epochs 1 is below the config's 2 (trainer.max_epochs); pass --export " \
+           "to export anyway" in out, out
+    assert _snapshot(export) == before and "replacing" not in out
+    run = run_dir_of(tmp_path)
+    assert f"first_stage: {{pretrained: {run / 'first_stage'}, subfolder: null}}" in out  # the run's own export
+    assert json.loads((run / "first_stage/first_stage_info.json").read_text())["epochs"] == 1
+    _assert_readable(run / "first_stage")
+
+
+def test_export_flag_replaces_saying_so(two_epochs, tmp_path, capsys, strict_umask):
+    config, export = two_epochs
+    old = json.loads((export / "first_stage_info.json").read_text())
+    assert train_first_stage.main(["--config", str(config), "--logdir", str(tmp_path), "--max_epochs", "1",
+                                   "--export", "--no_eval"]) == 0
+    out = capsys.readouterr().out
+    run = run_dir_of(tmp_path)
+    assert f"exporting to {export} as --export asks, although --max_epochs 1 is below the config's 2" in out, out
+    when = old["exported"].replace("T", " ")
+    assert (f"replacing the existing first stage at {export} (trained {when}, {old['epochs']} epochs, run "
+            f"{old['run_dir']})") in out, out
+    assert f"first_stage: {{pretrained: {export}, subfolder: null}}" in out
+    assert json.loads((export / "first_stage_info.json").read_text())["run_dir"] == str(run)
+    assert _snapshot(export).keys() == _snapshot(run / "first_stage").keys()
+    assert not [p for p in export.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    _assert_readable(export)
+    _assert_readable(run / "first_stage")
+
+
+def test_sigterm_stops_without_exporting(two_epochs, tmp_path, capsys, monkeypatch):
+    from modules.first_stage_training import FirstStageModel
+
+    config, export = two_epochs
+    before = _snapshot(export)
+    train_one = FirstStageModel._train_one
+
+    def preempted(self, images):  # what Lightning's SIGTERM handler records
+        self.trainer._signal_connector.received_sigterm = True
+        return train_one(self, images)
+
+    monkeypatch.setattr(FirstStageModel, "_train_one", preempted)
+    assert train_first_stage.main(["--config", str(config), "--logdir", str(tmp_path), "--no_eval"]) == 143
+    out = capsys.readouterr().out
+    run = run_dir_of(tmp_path)
+    assert (f"not exported to {export}: the run was stopped by SIGTERM in epoch 1 of 2; resume it with --ckpt_path "
+            f"{run / 'checkpoints' / 'last.ckpt'}") in out, out
+    assert _snapshot(export) == before
+    assert (run / "first_stage" / "config.json").is_file()  # the run's own export is always written
+
+
+def test_fast_dev_run_and_foreign_folders_are_not_exported(setup, tmp_path, capsys):
+    """fast_dev_run (Lightning's smoke test) never exports; a folder that is no first stage is never replaced,
+    even with export_force."""
+    import pytorch_lightning as pl
+
+    from modules.config import build_dataclass
+    from modules.first_stage_training import ExportFirstStage, FirstStageRunConfig, build_first_stage
+
+    _, config = setup
+    raw = yaml.safe_load(config.read_text())
+    raw["discriminator"]["enabled"] = False
+    cfg = build_dataclass(FirstStageRunConfig, raw, source="test")
+    dm, model = build_first_stage(cfg)
+    target = tmp_path / "export"
+
+    def fit(force: bool) -> str:
+        trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[ExportFirstStage(tmp_path / "run", str(target), force=force)])
+        trainer.fit(model, datamodule=dm)
+        return capsys.readouterr().out
+
+    out = fit(force=False)
+    assert f"not exported to {target}: this is a fast_dev_run" in out and not target.exists()
+    assert (tmp_path / "run" / "first_stage" / "config.json").is_file()
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    out = fit(force=True)
+    assert f"not exported to {target}: it exists and holds no first stage" in out
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]

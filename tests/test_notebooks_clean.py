@@ -23,3 +23,16 @@ def test_parameters_cell_and_stripped_outputs(path: Path):
 def test_every_notebook_is_executed_by_a_test(path: Path):
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
     assert path.name in tests, f"no test executes {path.name}"
+
+
+def test_every_notebook_finds_the_repository_with_the_same_cell():
+    """The cell after `parameters` finds the repository (`repo = None`: from the working directory or the
+    notebook's folder); one text for all, so a fix reaches every notebook."""
+    sources = set()
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code[1].get("id") == "find-repository", path.name
+        assert "repo = None" in code[0].source, path.name
+        sources.add(code[1].source)
+    assert len(sources) == 1, "the find-repository cells differ"

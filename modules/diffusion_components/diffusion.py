@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.progress import bar
+
 # our names → diffusers' `beta_schedule` names (the schedules themselves are diffusers')
 BETA_SCHEDULES = {"linear": "linear", "quadratic": "scaled_linear", "sigmoid": "sigmoid", "cosine": "squaredcos_cap_v2"}
 
@@ -121,7 +123,8 @@ class GaussianDiffusion(nn.Module):
         The one sampling loop of the project: per step the model input (scaled where the sampler asks, Euler), ε̂
         from `predict_noise(x_t, t)` (guided or not: `guided`), then the scheduler's update; stochastic samplers
         (DDPM, DDIM with η > 0) draw their noise from `generator`. `steps` defaults to the config's, all T for
-        DDPM; `eta` (DDIM only) to the config's.
+        DDPM; `eta` (DDIM only) to the config's. A bar over the steps is drawn with `progress`, or within an
+        evaluation on a terminal (`modules.progress`).
         """
         device = device or self.alphas_cumprod.device
         if steps is None:
@@ -135,11 +138,9 @@ class GaussianDiffusion(nn.Module):
         if "generator" in accepts:  # the deterministic multistep solvers take none
             extra["generator"] = generator
         timesteps = scheduler.timesteps
-        iterator = range(len(timesteps))
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, desc=f"{sampler} sampling", unit="step", leave=False)
+        # `progress` draws the bar wherever stderr goes; otherwise it follows an evaluation's bars (modules.progress)
+        iterator = bar(range(len(timesteps)), desc=f"{sampler} denoising ({shape[0]} latents)", unit="step",
+                       shown=True if progress else None)
         t_batch = timesteps.to(device)[:, None].expand(-1, shape[0])  # one transfer, not one per step
         for i in iterator:
             t = timesteps[i]
