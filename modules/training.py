@@ -53,6 +53,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--strategy", help="override trainer.strategy (ddp for several devices or nodes)")
     p.add_argument("--precision", help="override trainer.precision (32-true, bf16-mixed, 16-mixed)")
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end of training")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved config (file or checkpoint, flags and --set applied) as YAML and exit")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="override one config key (repeatable; the value is read as YAML), e.g. --set optimizer.lr=3e-4 "
                         "--set model.latent_dim=16")
@@ -618,6 +620,10 @@ def train_main(argv, spec) -> int:
     # resume from the checkpoint alone: the config it stores is the run's config
     cfg, source = load_run_config(args, spec.config_cls, check=spec.check, extra_flags=spec.extra_flags,
                                   stored=hparams["config"] if hparams else None)
+    if args.print_config:  # as Lightning CLI's --print_config: what this command would train, nothing run
+        print(f"# {source}")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
     start_epoch, point = 0, None
     if resume_from is not None:
         point = resume_step(resume_from)

@@ -20,11 +20,11 @@ from tests.test_reliability import killed_run
 
 def small_config(tmp_path, biked_slice, **trainer):
     # 320 training designs in batches of 64: 5 steps an epoch
-    return write_config(tmp_path, "mcvae_biked", data={"csv_path": str(biked_slice)},
-                        trainer={"max_epochs": 3, "batch_size": 64, "fused_steps": 1, "check_val_every_n_epoch": 1,
-                                 "checkpoint_every_n_epochs": 1, **trainer},
+    trainer = {"max_epochs": 3, "batch_size": 64, "fused_steps": 1, "check_val_every_n_epoch": 1,
+               "checkpoint_every_n_epochs": 1, **trainer}
+    return write_config(tmp_path, "mcvae_biked", data={"csv_path": str(biked_slice)}, trainer=trainer,
                         # a fixed end of the schedule: a run extended with --max_epochs keeps the same curve
-                        sparsity={"interval": "epoch", "target_at": 2},
+                        sparsity={"interval": "epoch", "target_at": min(2, trainer["max_epochs"] - 1)},
                         lr_scheduler={"step_size": 1, "gamma": 0.7})
 
 
@@ -69,7 +69,7 @@ def test_resume_alone_still_refuses_a_config_that_differs(tmp_path, biked_slice)
         train_mcvae.main.__wrapped__(["--ckpt_path", str(last)])
 
 
-def test_set_overrides_one_key_and_names_a_wrong_one(tmp_path, biked_slice):
+def test_set_overrides_one_key_and_names_a_wrong_one(tmp_path, biked_slice, capsys):
     config = small_config(tmp_path, biked_slice, max_epochs=1)
     assert train(config, tmp_path / "s", "--no_eval", "--set", "optimizer.lr=3e-4", "--set", "model.latent_dim=5",
                  "--set", "evaluation.sparsity_levels=[0.0, 0.5]") == 0
@@ -85,6 +85,12 @@ def test_set_overrides_one_key_and_names_a_wrong_one(tmp_path, biked_slice):
         run("--set", "lr")
     with pytest.raises(UserError, match="is a value, not a section"):
         run("--set", "optimizer.lr.x=1")
+    capsys.readouterr()
+    assert run("--set", "optimizer.lr=3e-4", "--max_epochs", "7", "--print_config") == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# {config} with --set optimizer.lr=0.0003")
+    resolved = yaml.safe_load(printed)
+    assert resolved["optimizer"]["lr"] == 3e-4 and resolved["trainer"]["max_epochs"] == 7
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
