@@ -366,7 +366,17 @@ class LastCheckpoint(Checkpoint):
         step = trainer.global_step
         if self.every_n_steps and step // self.every_n_steps > self._last_saved_step // self.every_n_steps:
             self._save(trainer, mid_epoch=True)
-        if getattr(trainer, "received_sigterm", False) or getattr(trainer, "interrupt_reason", None):
+        sigterm = getattr(trainer, "received_sigterm", False)
+        reason = getattr(trainer, "interrupt_reason", None) or ("SIGTERM" if sigterm else None)
+        if reason and batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch's last step: let the epoch end (LR step, epoch logs, validation), then stop with the
+            # epoch-end checkpoint; a checkpoint written here would resume into an epoch whose end never runs
+            trainer.interrupt_reason = reason
+            connector = getattr(trainer, "_signal_connector", None)
+            if sigterm and connector is not None:
+                connector.received_sigterm = False  # else Lightning raises before the epoch's end
+            trainer.should_stop = True
+        elif reason:
             # Lightning only notes the signal (our Ctrl+C handler does the same); stop at this step boundary
             from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -430,6 +440,7 @@ class LossProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1):
         super().__init__(refresh_rate=refresh_rate)
         self._losses: list[torch.Tensor] = []
+        self._shown: Optional[str] = None  # kept between refreshes that saw no new step (epoch end, validation)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -441,8 +452,10 @@ class LossProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         if self._losses:
-            metrics["loss"] = f"{torch.stack(self._losses).float().mean().item():.4g}"
+            self._shown = f"{torch.stack(self._losses).float().mean().item():.4g}"
             self._losses.clear()
+        if self._shown is not None:
+            metrics["loss"] = self._shown
         val = trainer.callback_metrics.get("val/loss")
         if val is not None:
             metrics["val_loss"] = f"{float(val):.4g}"
@@ -691,6 +704,11 @@ def train_main(argv, spec) -> int:
     if setup.trainer.interrupted:
         print(f"training interrupted; resume with:\n  {resume_command(spec, last, setup.trainer)}")
         return 130
+    reason = getattr(setup.trainer, "interrupt_reason", None)
+    if reason and setup.trainer.current_epoch < cfg.trainer.max_epochs:  # stopped at an epoch's end
+        print(f"{reason}: saved {last} after epoch {setup.trainer.current_epoch - 1}; resume with:\n"
+              f"  {resume_command(spec, last, setup.trainer)}")
+        return 130 if reason == "Ctrl+C" else 143
     if interrupt.requested:  # Ctrl+C after the last step: training is complete, the evaluation is what is skipped
         print(f"Ctrl+C after the last training step: {last} is complete; evaluate it with:\n"
               f"  python evaluate.py --ckpt {shlex.quote(str(last))}")

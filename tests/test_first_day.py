@@ -116,21 +116,36 @@ def interrupted_run(config, logdir, steps):
                           env={**os.environ, "WANDB_MODE": "offline"})
 
 
-def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_bit_equal(tmp_path, biked_slice):
+@pytest.mark.parametrize("step", [8, 10], ids=["inside an epoch", "at an epoch's last step"])
+def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_bit_equal(tmp_path, biked_slice, step):
     config = small_config(tmp_path, biked_slice)
     assert train(config, tmp_path / "straight", "--no_eval") == 0
-    stopped = interrupted_run(config, tmp_path / "stopped", steps=[8])  # inside epoch 1
+    stopped = interrupted_run(config, tmp_path / "stopped", steps=[step])  # epoch 1 has steps 6–10
     assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     run = run_dir_of(tmp_path / "stopped")
     last = run / "checkpoints" / "last.ckpt"
     assert "Ctrl+C: finishing the current step" in stopped.stderr
     assert f"python train_mcvae.py --ckpt_path {last}" in stopped.stdout
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 8 and saved["epoch"] == 1  # the step that was running when Ctrl+C came
+    assert saved["global_step"] == step and saved["epoch"] == 1  # the step that was running when Ctrl+C came
     assert train_mcvae.main(["--ckpt_path", str(last), "--no_eval"]) == 0
     same_weights(run_dir_of(tmp_path / "straight") / "checkpoints/last.ckpt", last)
     assert epochs_of(run / "metrics.csv") == epochs_of(run_dir_of(tmp_path / "straight") / "metrics.csv") \
         == ([0, 1, 2], [0, 1, 2])
+
+
+def test_sigterm_at_an_epochs_last_step_lets_the_epoch_end_and_resumes_bit_equal(tmp_path, biked_slice):
+    config = small_config(tmp_path, biked_slice)
+    assert train(config, tmp_path / "straight", "--no_eval") == 0
+    stopped = killed_run(config, tmp_path / "stopped", kill_at=10, signal_name="SIGTERM")  # epoch 1's last step
+    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    run = run_dir_of(tmp_path / "stopped")
+    last = run / "checkpoints" / "last.ckpt"
+    assert "SIGTERM: saved" in stopped.stdout and "after epoch 1" in stopped.stdout
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    assert train_mcvae.main(["--ckpt_path", str(last), "--no_eval"]) == 0
+    same_weights(run_dir_of(tmp_path / "straight") / "checkpoints/last.ckpt", last)
+    assert epochs_of(run / "metrics.csv") == ([0, 1, 2], [0, 1, 2])
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path, biked_slice):
@@ -205,6 +220,7 @@ def test_the_progress_bar_shows_the_mean_training_loss_val_loss_and_sparsity(mon
     assert metrics == {"loss": "2.5", "val_loss": "0.1235", "sparsity": "0.25"}
     bar.on_train_batch_end(None, None, {"loss": torch.tensor(7.0)}, None, 0)
     assert bar.get_metrics(_Trainer(0.5), _Module())["loss"] == "7"  # only the steps since the last refresh
+    assert bar.get_metrics(_Trainer(0.5), _Module())["loss"] == "7"  # a refresh without new steps keeps it
 
 
 # --------------------------------------------------------------------------- sample.py

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -125,13 +126,21 @@ def printed(notebook: Path) -> str:
 
 @pytest.mark.parametrize("default_out", ["biked_analysis"], indirect=True)
 def test_readme_command_from_the_repository_root(tmp_path, default_out):
-    """The README's `papermill _notebooks/biked_analysis.ipynb logs/notebooks/biked_analysis.ipynb -p max_rows 500`,
-    on tiny settings, from the repository root."""
+    """The README's notebook command, its very text, run by bash from the repository root with tiny settings
+    appended; the executed notebook goes to the test's folder (the command's `mkdir` makes it), the notebook's
+    outputs to their default, logs/notebooks/biked_analysis/."""
+    from tests.test_readme import README, readme_commands
+
+    (command,) = [c for c in readme_commands(README.read_text(encoding="utf-8")) if "papermill" in c]
+    executed = tmp_path / "logs" / "notebooks"
+    shell = (command.replace("logs/notebooks", str(executed)) + " -k python3 --no-progress-bar -p max_rows 400 "
+             "-p bikes_per_style 2 -p max_styles 3 -p render_size 96")
     before, outputs_before = untracked(), old_default_outputs()
-    done = papermill_cli("_notebooks/biked_analysis.ipynb", tmp_path / "out.ipynb", ROOT, "-p", "max_rows", "400",
-                         "-p", "bikes_per_style", "2", "-p", "max_styles", "3", "-p", "render_size", "96")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JPY_SESSION_NAME")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this Python's papermill
+    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    text = printed(tmp_path / "out.ipynb")
+    text = printed(executed / "biked_analysis.ipynb")
     assert f"repository: {ROOT}" in text and f"outputs: {default_out}" in text
     # what the notebook computes (one run of it serves both: the command and the content)
     imbalance = pd.read_csv(default_out / "condition_imbalance.csv", index_col=0)
