@@ -78,13 +78,20 @@ PARAMETRIC_SLICE = ("--csv_path", "{biked_slice}")
 IMAGE_SLICE = ("--csv_path", "{image_slice}", "--images_path", "{image_slice}")
 
 COMMANDS: dict[str, Run | Covered | Synopsis] = {
-    "bash setup.sh": Covered("tests/test_readme.py::test_setup_installs_the_pinned_requirements_and_links_the_data",
-                             ".ci/run runs it before this suite"),
+    "bash setup.sh": Covered("tests/test_datasets.py::test_setup_on_a_clean_clone_fetches_the_data_and_trains_the_cars",
+                             ".ci/run runs it before this suite; the test runs it on a clean clone without the shared data"),
     "python train_mcvae.py --cfg_name mcvae_biked": Run(TINY_MCVAE + PARAMETRIC_SLICE, ("biked_slice",)),
     "python -m pytest -q": Covered("tests/test_readme.py::test_every_readme_command_is_listed", "this suite itself"),
     'python sample.py --ckpt logs/mcvae_biked_<timestamp>/checkpoints/last.ckpt --condition BikeStyle=ROAD '
     '--condition "RIM_STYLE rear=disc" --n 8 --out logs/samples/road_bikes.csv --plot logs/samples/road_bikes.png':
         Run(),
+    "python -m modules.datasets fetch":
+        Covered("tests/test_datasets.py::test_setup_on_a_clean_clone_fetches_the_data_and_trains_the_cars",
+                "needs GitHub (or ../shared/data); the test runs it through bash setup.sh on a clean clone, a local "
+                "server standing in for GitHub"),
+    "python -m modules.datasets fetch cars --from ../Masked_Conditioning":
+        Covered("tests/test_datasets.py::test_from_dir_fetches_from_a_copy_of_the_authors_repository",
+                "needs a copy of the authors' repository; the test fetches from a folder laid out like it"),
     "python train_mcvae.py --cfg_name mcvae_cars": Run(TINY_MCVAE),
     # my_data.yaml: the README's YAML of "Your own data", written where the command runs (not into the repository)
     "python train_mcvae.py --config my_data.yaml --name trial1": Run(TINY_MCVAE, ("my_data",), in_tmp=True),
