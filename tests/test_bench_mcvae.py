@@ -60,3 +60,20 @@ def test_speed_benchmark_reports_the_ratio(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "mcvae_biked_paper: median fit" in printed and "1.00× mcvae_biked_paper" in printed
     assert "mcvae_biked: median fit" in printed
+
+
+def test_profile_records_only_the_asked_epochs_of_the_real_training_run(tmp_path, biked_frame, capsys):
+    csv = tmp_path / "slice.csv"
+    biked_frame.head(400).to_csv(csv, index=False)
+    profile = load("profile_mcvae")
+    out = tmp_path / "profile.json"
+    assert profile.main(["--warmup", "1", "--epochs", "2", "--top", "5", "--csv_path", str(csv),
+                         "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    # 320 training designs at batch 128 (fused: all of an epoch's steps in one Lightning step): 3 steps an epoch
+    assert summary["optimizer_steps"] == 2 * 3
+    ops = [row["op"] for row in summary["top"]]
+    assert len(ops) == 5 and any(op.startswith(("aten::mm", "aten::addmm")) for op in ops)
+    assert all(0 < row["share_of_wall"] < 1 for row in summary["top"])
+    assert summary["aten_calls_per_step"] > 100  # forward, backward and optimizer of a 6-layer MLP VAE
+    assert "| operator | self ms |" in capsys.readouterr().out
