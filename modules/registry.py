@@ -23,6 +23,11 @@ class ModelSpec:
     resume_sections: tuple = ("model", "conditioning")  # config sections a resumed run must not change
     generates: str = "designs"  # "designs" (rows of a CSV) or "images" (what sample.py --out must be)
 
+    @property
+    def script(self) -> str:
+        """The train script of this model type (train_<model_type>.py), named in resume hints."""
+        return f"train_{self.model_type}.py"
+
 
 # --------------------------------------------------------------------------- mcVAE
 

@@ -689,13 +689,8 @@ def train_main(argv, spec) -> int:
     try:
         with interrupt:
             setup.trainer.fit(model, datamodule=dm, ckpt_path=args.ckpt_path, weights_only=True)
-    except SIGTERMException:
-        resume = resume_command(spec, last, setup.trainer)
-        if interrupt.requested:
-            print(f"interrupted (Ctrl+C); resume with:\n  {resume}")
-            return 130
-        print(f"stopped by SIGTERM (preemption); resume with:\n  {resume}")
-        return 143
+    except SIGTERMException:  # stopped inside an epoch; LastCheckpoint.on_exception saved the last finished step
+        return _stopped(getattr(setup.trainer, "interrupt_reason", None) or "SIGTERM", spec, last, setup.trainer)
     except TrainingDiverged as err:
         where = f"{last}" if last.is_file() else "none (it diverged before the first checkpoint)"
         raise TrainingDiverged(f"{err} Last good checkpoint: {where}.") from None
@@ -706,9 +701,8 @@ def train_main(argv, spec) -> int:
         return 130
     reason = getattr(setup.trainer, "interrupt_reason", None)
     if reason and setup.trainer.current_epoch < cfg.trainer.max_epochs:  # stopped at an epoch's end
-        print(f"{reason}: saved {last} after epoch {setup.trainer.current_epoch - 1}; resume with:\n"
-              f"  {resume_command(spec, last, setup.trainer)}")
-        return 130 if reason == "Ctrl+C" else 143
+        print(f"{reason}: saved {last} after epoch {setup.trainer.current_epoch - 1}")
+        return _stopped(reason, spec, last, setup.trainer)
     if interrupt.requested:  # Ctrl+C after the last step: training is complete, the evaluation is what is skipped
         print(f"Ctrl+C after the last training step: {last} is complete; evaluate it with:\n"
               f"  python evaluate.py --ckpt {shlex.quote(str(last))}")
@@ -742,14 +736,15 @@ def train_main(argv, spec) -> int:
     return 0
 
 
-TRAIN_SCRIPTS = {"mcvae": "train_mcvae.py", "conv_mcvae": "train_conv_mcvae.py", "mcldm": "train_mcldm.py",
-                 "first_stage": "train_first_stage.py"}
+def _stopped(reason: str, spec, last: Path, trainer) -> int:
+    """A run stopped by Ctrl+C (exit 130) or SIGTERM (143, preemption) after saving `last`: say how to resume."""
+    print(f"stopped by {reason}; resume with:\n  {resume_command(spec, last, trainer)}")
+    return 130 if reason == "Ctrl+C" else 143
 
 
 def resume_command(spec, last: Path, trainer=None) -> str:
     """The command that continues a run from `last` (its W&B run too, when it logged to one)."""
-    script = TRAIN_SCRIPTS.get(spec.model_type, Path(sys.argv[0]).name)
-    command = f"python {script} --ckpt_path {shlex.quote(str(last))}"
+    command = f"python {spec.script} --ckpt_path {shlex.quote(str(last))}"
     run = _wandb_run(trainer) if trainer is not None else None
     if run is not None:
         command += f" --use_wandb --run_id {run.id}"
