@@ -76,11 +76,7 @@ def read_conditions_csv(path: Path, schema) -> "pd.DataFrame":
         for name, value in row.items():
             if isinstance(value, str) and value.strip():
                 schema.parse_value(name, value, source=f"--conditions_csv {path}, row {i + 1}")
-    return frame.where(frame.notna(), None)
-
-
-def describe(request: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in request.items()) or "no conditions (unconditional)"
+    return frame.astype(object).where(frame.notna(), None)  # empty cells: None (a string column keeps NaN)
 
 
 def check_outputs(args, spec) -> None:
@@ -108,6 +104,7 @@ def main(argv=None):
     if args.condition and args.conditions_csv:
         raise UserError("give the conditions either with --condition or in --conditions_csv, not both.")
     from modules.base import ImageSampling
+    from modules.image_evaluation import prompt_label
     from modules.registry import spec_for
     from modules.sampling_cli import apply_sampling_arguments, model_device
     from modules.training import read_checkpoint
@@ -128,7 +125,7 @@ def main(argv=None):
         asked = f"{len(requests)} requests of {args.conditions_csv}"
     else:
         requests = parse_conditions(args.condition, model.schema.names)
-        asked = describe(requests)
+        asked = prompt_label(requests)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OutOfRangeCondition)
         if isinstance(model, ImageSampling):
@@ -183,14 +180,14 @@ def _plot_designs(model, designs, args, asked: str, style: str, requests) -> Non
 def _sample_images(model, requests, args, asked: str, caught) -> int:
     from PIL import Image
 
-    from modules.image_evaluation import image_grid
+    from modules.image_evaluation import image_grid, prompt_label
 
     out = Path(args.out)
     images = model.sample(requests, n=args.n, seed=args.seed)
     _report_range(caught, args)
     if args.conditions_csv:  # a row per request, labelled with what it asked for
         rows = [images[i * args.n:(i + 1) * args.n] for i in range(len(requests))]
-        labels = [f"request {i + 1}: {describe({k: v for k, v in r.items() if v is not None})} ({args.n} samples, "
+        labels = [f"request {i + 1}: {prompt_label({k: v for k, v in r.items() if v is not None})} ({args.n} samples, "
                   f"seed {args.seed})" for i, r in enumerate(requests.to_dict("records"))]
     else:
         per_row = 8

@@ -200,3 +200,14 @@ def test_a_tiny_conv_mcvae_generates_the_rear_rim_it_is_asked_for(tmp_path, bike
     rim = scores.set_index("condition").loc["RIM_STYLE rear"]
     assert rim["real"] >= 0.85 and rim["majority"] <= 0.6
     assert rim["0"] >= 0.8, scores.to_string()  # generated from the asked-for rim
+
+
+def test_conditions_csv_gives_an_image_model_one_labelled_row_per_request(conv_run, tmp_path):
+    run, _, _ = conv_run
+    requests = tmp_path / "requests.csv"
+    requests.write_text("BikeStyle,RIM_STYLE rear\nROAD,disc\n,\n")
+    out = tmp_path / "requests.png"
+    assert sample.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "--conditions_csv", str(requests), "--n", "3",
+                        "--out", str(out), "--singles", str(tmp_path / "single")]) == 0
+    assert Image.open(out).size == (3 * 32 + 2 * 2, 2 * (32 + LABEL_HEIGHT) + 2)  # two rows of three
+    assert len(list((tmp_path / "single").glob("*.png"))) == 6

@@ -254,6 +254,9 @@ def test_conditions_csv_gives_n_designs_per_row_with_empty_cells_masked(trained_
                                           "Teeth on chainring": [None, 50, None]}), n=3, seed=4)
     columns = list(model.cfg.data.design_columns)
     assert abs(designs[columns].to_numpy() - expected[columns].to_numpy()).max() < 1e-3
+    # the request rows as read: empty cells are None (what labels and the API take for masked)
+    assert sample.read_conditions_csv(requests, model.schema).to_dict("records")[2] == {
+        "BikeStyle": None, "RIM_STYLE rear": None, "Teeth on chainring": None}
     assert designs[columns].iloc[0:3].std().mean() > 0  # designs of one request differ
 
 
