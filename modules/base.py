@@ -12,7 +12,7 @@ from torch import nn
 
 from modules.conditioning import (ConditionEmbedding, ConditionMasking, ConditionSchema, MaskedConditions,
                                   OutOfRangeCondition)
-from modules.config import build_dataclass
+from modules.config import build_dataclass, build_lr_scheduler
 from modules.ema import EMA
 from modules.errors import UserError
 
@@ -150,9 +150,9 @@ class MaskedConditioningModule(pl.LightningModule):
         # fused AdamW runs on CPU too and is the fastest implementation for many small tensors
         optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                       fused=True)
-        if s.name == "none":
+        scheduler = build_lr_scheduler(optimizer, s, self.cfg.trainer.max_epochs)
+        if scheduler is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ cheap epoch-level logging

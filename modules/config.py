@@ -1,6 +1,8 @@
 """Typed run configuration, loaded from YAML and validated: unknown keys and wrong types name the key and the file."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import re
 import types
@@ -101,9 +103,38 @@ class OptimizerConfig:
 
 @dataclass
 class LRSchedulerConfig:
-    name: Literal["none", "step"] = "step"
+    # step: lr·γ^⌊epoch / step_size⌋; cosine: lr → min_lr_ratio·lr along a half cosine over trainer.max_epochs
+    # (Loshchilov & Hutter 2017), so the last epochs take small steps and the final weights do not depend on
+    # where a constant-rate run happens to stop
+    name: Literal["none", "step", "cosine"] = "step"
     step_size: int = 100  # epochs
     gamma: float = 0.9
+    min_lr_ratio: float = 0.0  # cosine: the rate at the end of training, as a share of optimizer.lr
+
+
+class HalfCosine:
+    """The lr factor of epoch e: m + (1 − m)·(1 + cos(π·e / epochs)) / 2, held at m from `epochs` on (SGDR without
+    restarts, Loshchilov & Hutter 2017, Eq. 5). An object, not a lambda, so that LambdaLR saves `epochs` in the
+    checkpoint: a run resumed with a larger --max_epochs keeps the horizon of its first start, as the sparsity
+    schedule does, instead of jumping to another curve."""
+
+    def __init__(self, epochs: int, min_ratio: float):
+        self.epochs, self.min_ratio = max(int(epochs), 1), float(min_ratio)
+
+    def __call__(self, epoch: int) -> float:
+        progress = min(epoch, self.epochs) / self.epochs
+        return self.min_ratio + (1 - self.min_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def build_lr_scheduler(optimizer, s: LRSchedulerConfig, max_epochs: int):
+    """The per-epoch scheduler of `lr_scheduler` for `optimizer` (None for `none`); stepped at every epoch's end."""
+    import torch
+
+    if s.name == "none":
+        return None
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, HalfCosine(max_epochs, s.min_lr_ratio))
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.config import LRSchedulerConfig, OptimizerConfig, TrainerConfig, WandbConfig, build_dataclass
+from modules.config import (LRSchedulerConfig, OptimizerConfig, TrainerConfig, WandbConfig, build_dataclass,
+                            build_lr_scheduler)
 from modules.errors import UserError
 from modules.image_data import ImageDataConfig, from_model_range
 
@@ -299,8 +300,8 @@ class FirstStageModel(pl.LightningModule):
             optimizers.append(adamw(self.discriminator.parameters(), g.lr or o.lr))
         if s.name == "none":
             return optimizers
-        schedulers = [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma),
-                       "interval": "epoch"} for opt in optimizers]
+        schedulers = [{"scheduler": build_lr_scheduler(opt, s, self.cfg.trainer.max_epochs), "interval": "epoch"}
+                      for opt in optimizers]
         return optimizers, schedulers
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -166,6 +166,8 @@ def check_common(cfg, source: str) -> None:
             "> 0 or null", o.gradient_clip_val)
     require(cfg.lr_scheduler.step_size >= 1, source, "lr_scheduler.step_size", "≥ 1", cfg.lr_scheduler.step_size)
     require(cfg.lr_scheduler.gamma > 0, source, "lr_scheduler.gamma", "> 0", cfg.lr_scheduler.gamma)
+    require(0 <= cfg.lr_scheduler.min_lr_ratio <= 1, source, "lr_scheduler.min_lr_ratio", "in [0, 1]",
+            cfg.lr_scheduler.min_lr_ratio)
     if not conditioned:
         return
     e = cfg.evaluation

@@ -31,6 +31,7 @@ def small_run(tmp_path_factory, biked_frame):
     ("trainer", {"check_val_every_n_epoch": 0}, "trainer.check_val_every_n_epoch must be ≥ 1"),
     ("trainer", {"devices": 0}, "trainer.devices must be a number ≥ 1 or 'auto'"),
     ("lr_scheduler", {"step_size": 0}, "lr_scheduler.step_size must be ≥ 1"),
+    ("lr_scheduler", {"name": "cosine", "min_lr_ratio": 1.5}, "lr_scheduler.min_lr_ratio must be in [0, 1]"),
     ("conditioning", {"embedding_dim": 0}, "conditioning.embedding_dim must be ≥ 1"),
     ("evaluation", {"sparsity_levels": []}, "evaluation.sparsity_levels must be a non-empty list"),
     ("evaluation", {"prior_draws": 0}, "evaluation.prior_draws must be ≥ 1"),

@@ -1,11 +1,13 @@
 """What a new user does first with a training run: resume from the checkpoint alone, stop with Ctrl+C and resume,
 override one key with --set, read the loss in the progress bar, and find each epoch once in metrics.csv."""
 import csv
+import math
 import os
 import signal
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -132,6 +134,28 @@ def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_bit_equal(t
     same_weights(run_dir_of(tmp_path / "straight") / "checkpoints/last.ckpt", last)
     assert epochs_of(run / "metrics.csv") == epochs_of(run_dir_of(tmp_path / "straight") / "metrics.csv") \
         == ([0, 1, 2], [0, 1, 2])
+
+
+def test_a_cosine_rate_follows_the_half_cosine_resumes_bit_equal_and_keeps_its_horizon(tmp_path, biked_slice):
+    config = small_config(tmp_path, biked_slice)
+    spec = yaml.safe_load(config.read_text())
+    spec["lr_scheduler"] = {"name": "cosine", "min_lr_ratio": 0.1}
+    config.write_text(yaml.safe_dump(spec))
+    lr = spec["optimizer"]["lr"]
+    assert train(config, tmp_path / "straight", "--no_eval") == 0
+    straight = run_dir_of(tmp_path / "straight")
+    rates = pd.read_csv(straight / "metrics.csv").dropna(subset=["lr"]).groupby("epoch")["lr"].first()
+    # lr·(m + (1 − m)·(1 + cos(π·e / 3)) / 2) for the 3 epochs: 1, 0.775, 0.325 of lr
+    assert rates.tolist() == pytest.approx([lr * (0.1 + 0.9 * (1 + math.cos(math.pi * e / 3)) / 2) for e in range(3)])
+    stopped = interrupted_run(config, tmp_path / "stopped", steps=[8])  # inside epoch 1
+    assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    last = run_dir_of(tmp_path / "stopped") / "checkpoints" / "last.ckpt"
+    assert train_mcvae.main(["--ckpt_path", str(last), "--no_eval"]) == 0
+    same_weights(straight / "checkpoints/last.ckpt", last)
+    # extended past its end, the rate holds at min_lr_ratio·lr (the horizon of the first start, from the checkpoint)
+    assert train_mcvae.main(["--ckpt_path", str(last), "--max_epochs", "5", "--no_eval"]) == 0
+    extended = pd.read_csv(last.parent.parent / "metrics.csv").dropna(subset=["lr"]).groupby("epoch")["lr"].first()
+    assert extended.tolist() == pytest.approx(rates.tolist() + [0.1 * lr, 0.1 * lr])
 
 
 def test_sigterm_at_an_epochs_last_step_lets_the_epoch_end_and_resumes_bit_equal(tmp_path, biked_slice):
