@@ -1,9 +1,8 @@
 """Typed run configuration, loaded from YAML and validated: unknown keys and wrong types name the key and the file."""
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import re
 import types
 import typing
