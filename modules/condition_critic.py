@@ -14,6 +14,12 @@ show more often in every run, at a cost in image quality (benchmarks/RESULTS.md,
 shipped configs leave the critic off; the nearest-image adherence of the evaluation is the check no texture can
 pass.
 
+A small critic fits the training images' conditions and stops generalising (its loss on real validation images
+rose from 1.9 to 2.9 while the generated images' fell below the real ones', "conv-mcVAE ablation 3"): the
+decoder then learns what this critic reads rather than the condition. `shift` translates every image the critic
+sees, real and generated alike and differentiably, by a random whole number of pixels (DiffAugment, Zhao et al.
+2020), so that it must read the condition wherever it is drawn.
+
 The critic is kept apart from the evaluation's adherence CNN (`modules/image_adherence.py`): another
 architecture, its own weights, trained inside the VAE's loop only; the evaluation fits its CNN afresh on the real
 images after training and also scores adherence by the nearest real image, which no network's features can be
@@ -37,8 +43,9 @@ class ConditionCritic(nn.Module):
     mean pooling, one linear head: logits per categorical condition, a value per numerical one."""
 
     def __init__(self, channels: int, schema, *, width: int = 16, image_size: int = 64, realism: bool = False,
-                 balance: float = 0.0, numerical_weight: float = 1.0):
+                 balance: float = 0.0, numerical_weight: float = 1.0, shift: float = 0.0):
         super().__init__()
+        self.max_shift = int(round(shift * image_size))  # pixels, each way
         self.numerical_weight = numerical_weight
         self.realism = realism  # one more logit: real training image or generated (the GAN discriminator)
         self.balance = balance
@@ -63,6 +70,23 @@ class ConditionCritic(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = self.features(images)
         return self.head(torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1))
+
+    def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Every image translated by its own (dy, dx), whole pixels drawn uniformly from [−max_shift, max_shift],
+        the edge pixels repeated into the gap (the sketches' border is background). Nearest sampling at whole-pixel
+        offsets copies pixels exactly, and the gradient reaches the image."""
+        if self.max_shift == 0:
+            return images
+        n, _, h, w = images.shape
+        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (n, 2), generator=generator,
+                               device=images.device).to(images.dtype)
+        theta = images.new_zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        # output pixel (i, j) reads input (i − dy, j − dx): a shift by (dy, dx); 2/size per pixel in [−1, 1]
+        theta[:, 0, 2] = -2.0 * shifts[:, 1] / w
+        theta[:, 1, 2] = -2.0 * shifts[:, 0] / h
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
 
     def condition_loss(self, out: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, keep_cat: torch.Tensor,
                        keep_num: torch.Tensor, *, balance: float = 0.0, weight_numerical: float = 1.0) -> torch.Tensor:
@@ -90,18 +114,22 @@ class ConditionCritic(nn.Module):
         return loss
 
     def losses(self, real: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, generated: torch.Tensor,
-               asked: MaskedConditions) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+               asked: MaskedConditions, generator: Optional[torch.Generator] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(critic loss: the real images against all their known conditions `cat`/`num`; generator loss: the
         critic, frozen, on the generated images against the visible conditions they were generated from, `asked`;
         the generator's GAN loss, or None without `realism`).
 
-        The critic's weights get gradients from the first term only and the generator from the second only."""
+        The critic's weights get gradients from the first term only and the generator from the second only. In
+        training, both image sets are translated first (`augment`, drawing from `generator`)."""
         known_cat, known_num = cat != self.mask_tokens, ~torch.isnan(num)
         if self.training and self.vocab_sizes:
             with torch.no_grad():
                 codes = (cat + self.offsets)[known_cat]
                 self.category_counts += torch.bincount(codes, minlength=len(self.category_counts)).to(
                     self.category_counts.dtype)
+        if self.training:
+            real, generated = self.augment(real.detach(), generator), self.augment(generated, generator)
         on_real = self(real.detach())
         critic = self.condition_loss(on_real, cat, num, known_cat, known_num)
         frozen = {name: value.detach() for name, value in self.named_parameters()}

@@ -91,6 +91,9 @@ class ConvMCVAEModelConfig:
     # the generator's 1 − R² of a numerical condition against a categorical one's cross-entropy (a chainring of
     # 2–4 px is a faint ring at 64 px: its term is small beside the rest)
     critic_numerical_weight: float = 1.0
+    # > 0: every image the critic sees (real and generated) is shifted by up to this fraction of the image size
+    # each way, so that the critic reads the condition rather than where it sits in the training images
+    critic_shift: float = 0.0
     ema_decay: Optional[float] = None
 
 
@@ -137,6 +140,8 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
     require(m.critic_realism_weight >= 0, source, "model.critic_realism_weight", "≥ 0", m.critic_realism_weight)
     require(m.critic_numerical_weight >= 0, source, "model.critic_numerical_weight", "≥ 0", m.critic_numerical_weight)
     require(0 <= m.critic_balance <= 1, source, "model.critic_balance", "in [0, 1]", m.critic_balance)
+    require(0 <= m.critic_shift < 0.5, source, "model.critic_shift", "in [0, 0.5) (a fraction of the image size)",
+            m.critic_shift)
     for key in ("critic_batch", "critic_width"):
         require(getattr(m, key) >= 1, source, f"model.{key}", "≥ 1", getattr(m, key))
     require(m.temperature >= 0, source, "model.temperature", "≥ 0 (0: the prior mean)", m.temperature)
@@ -244,7 +249,8 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
 
             self.condition_critic = ConditionCritic(d.channels, self.schema, width=m.critic_width, image_size=d.image_size,
                                                     realism=m.critic_realism_weight > 0, balance=m.critic_balance,
-                                                    numerical_weight=m.critic_numerical_weight)
+                                                    numerical_weight=m.critic_numerical_weight,
+                                                    shift=m.critic_shift)
         self.memory_format = torch.channels_last if self.cfg.speed.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # before the EMA copy, which keeps the layout
         self.enable_ema(m.ema_decay)
@@ -319,7 +325,7 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         asked, c_asked = masked.rows(0, n), c[:n]
         eps = torch.randn((n, *self.latent_shape), generator=generator, device=x.device, dtype=x.dtype)
         generated = self.decode(self.from_prior(eps, c_asked), c_asked)
-        critic, generator_loss, realism = self.condition_critic.losses(x, cat, num, generated, asked)
+        critic, generator_loss, realism = self.condition_critic.losses(x, cat, num, generated, asked, generator)
         out = {**out, "critic": (critic, 1.0), "critic_generator": (generator_loss, m.critic_weight)}
         if realism is not None:
             out["critic_realism"] = (realism, m.critic_realism_weight)

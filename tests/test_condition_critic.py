@@ -138,3 +138,43 @@ def test_realism_is_the_non_saturating_gan_loss_and_balance_weighs_rare_categori
     # the generator's GAN term reaches the images, not the critic
     realism.backward()
     assert generated.grad.abs().sum() > 0 and all(p.grad is None for p in critic.parameters())
+
+
+def test_shift_translates_every_image_by_its_own_whole_pixel_draw_real_and_generated_alike():
+    """DiffAugment's translation: each image moves by its own (dy, dx) ∈ [−k, k]², drawn from the step's generator;
+    the gap repeats the edge; the gradient reaches the generated images; evaluation sees them unshifted."""
+    schema, cat, num = schema_and_conditions()
+    critic = ConditionCritic(1, schema, width=4, image_size=16, shift=0.125)  # k = 2 px
+    assert critic.max_shift == 2
+    dots = torch.full((4, 1, 16, 16), -1.0)
+    dots[:, 0, 0, :] = 0.5  # a top edge row, repeated into the gap when an image moves down
+    dots[:, 0, 6, 8] = 1.0
+    moved = critic.augment(dots, torch.Generator().manual_seed(1))
+    shifts = torch.randint(-2, 3, (4, 2), generator=torch.Generator().manual_seed(1))
+    assert {dy > 0 for dy, _ in shifts.tolist()} == {True, False}  # images move up and down
+    for image, (dy, dx) in zip(moved, shifts.tolist()):
+        assert (image[0] == 1.0).nonzero().tolist() == [[6 + dy, 8 + dx]]
+        # the edge row moved down by dy and copied into the gap above it, or moved out of the image
+        edge = (image[0] == 0.5).all(dim=1)
+        assert edge.tolist() == [i <= dy for i in range(16)]
+        assert ((image[0] == 0.5).sum(dim=1) % 16 == 0).all()  # no row is partly edge
+    # the losses judge the shifted images: the real ones with the first draw, the generated with the next
+    asked = MaskedConditions(cat, torch.nan_to_num(num, nan=-1.0), torch.isnan(num))
+    generated = torch.randn(4, 1, 16, 16, requires_grad=True)
+    real = torch.randn(4, 1, 16, 16)
+    critic_loss, generator_loss, _ = critic.losses(real, cat, num, generated, asked, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        on_real = critic(critic.augment(real, g))
+        on_generated = critic(critic.augment(generated, g))
+        unshifted = critic(generated)
+    known = cat != 3, ~torch.isnan(num)
+    assert critic_loss.item() == pytest.approx(critic.condition_loss(on_real, cat, num, *known).item(), rel=1e-6)
+    assert generator_loss.item() == pytest.approx(
+        critic.condition_loss(on_generated, cat, num, *known).item(), rel=1e-6)
+    assert generator_loss.item() != pytest.approx(critic.condition_loss(unshifted, cat, num, *known).item(), rel=1e-3)
+    generator_loss.backward()
+    assert generated.grad.abs().sum() > 0
+    critic.eval()
+    _, in_eval, _ = critic.losses(real, cat, num, generated, asked, torch.Generator().manual_seed(7))
+    assert in_eval.item() == pytest.approx(critic.condition_loss(unshifted, cat, num, *known).item(), rel=1e-6)
