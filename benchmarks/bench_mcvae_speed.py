@@ -3,6 +3,12 @@ configs alternating, `--repeats` times; the median and the ratio to the first co
 
     python benchmarks/bench_mcvae_speed.py                              # mcvae_biked_paper vs mcvae_biked (≈ 2 min)
     python benchmarks/bench_mcvae_speed.py --configs mcvae_biked --repeats 3
+    python benchmarks/bench_mcvae_speed.py --authors ../Masked_Conditioning   # + the authors' loop (issue 14)
+
+With `--authors PATH` (a copy of github.com/Phillip-M97/Masked_Conditioning) every repeat also times the authors'
+published loop (`benchmarks/authors_mcvae.py`) for `--authors_epochs` epochs on the first config's split, and the
+report gives seconds per epoch for all and each config's speed-up over the authors' (their median epoch over our
+median `fit` per epoch). Without it the authors' loop is skipped, and the report says so.
 
 Machines of one kind differ by up to 2×, and a neighbour's load moves a single timing by 20 %: compare the ratio.
 """
@@ -49,20 +55,61 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--epochs", type=int, help="override trainer.max_epochs (default: the configs')")
     p.add_argument("--logdir", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    p.add_argument("--authors", help="root of a copy of the authors' repository: time their loop side by side")
+    p.add_argument("--authors_epochs", type=int, default=30, help="epochs of the authors' loop per repeat")
     args = p.parse_args(argv)
     quiet_lightning_logs()
+    authors_data = None
+    if args.authors:
+        from benchmarks.authors_mcvae import authors_namespace
+
+        authors_namespace(args.authors)  # a wrong path fails now, not after the first training
+        authors_data = datamodule_of(args.configs[0])
     seconds = {config: [] for config in args.configs}
+    epochs = {config: args.epochs or config_epochs(config) for config in args.configs}
+    authors: list[float] = []
     for repeat in range(args.repeats):
+        if authors_data is not None:
+            from benchmarks.authors_mcvae import time_authors_loop
+
+            per_epoch = time_authors_loop(args.authors, authors_data, epochs=args.authors_epochs)
+            authors.extend(per_epoch)
+            print(f"repeat {repeat + 1}, the authors' loop: median {statistics.median(per_epoch):.4f} s/epoch "
+                  f"over {len(per_epoch)} epochs", flush=True)
         for config in args.configs:
             seconds[config].append(fit_seconds(config, args.epochs, Path(args.logdir)))
             print(f"repeat {repeat + 1}, {config}: fit {seconds[config][-1]:.1f} s", flush=True)
     reference = statistics.median(seconds[args.configs[0]])
     print()
+    if authors:
+        print(f"the authors' loop: median {statistics.median(authors):.4f} s/epoch over {len(authors)} epochs")
+    else:
+        print("the authors' loop: not timed (pass --authors PATH, a copy of github.com/Phillip-M97/Masked_Conditioning)")
     for config, values in seconds.items():
         median = statistics.median(values)
-        print(f"{config}: median fit {median:.1f} s over {len(values)} runs ({', '.join(f'{v:.1f}' for v in values)}); "
-              f"{median / reference:.2f}× {args.configs[0]}")
+        per_epoch = median / epochs[config]
+        versus = (f"; {statistics.median(authors) / per_epoch:.2f}× the authors' loop" if authors else "")
+        print(f"{config}: median fit {median:.1f} s over {len(values)} runs ({', '.join(f'{v:.1f}' for v in values)}), "
+              f"{per_epoch:.4f} s/epoch; {median / reference:.2f}× {args.configs[0]}{versus}")
     return 0
+
+
+def config_epochs(config: str) -> int:
+    from experiments.sweep import config_epochs as epochs_of
+
+    return epochs_of(config, None)
+
+
+def datamodule_of(config: str):
+    """The data module (split, scaled designs, encoded conditions) that `config` trains on."""
+    from modules.registry import MCVAE_SPEC
+    from modules.training import common_parser, load_run_config
+
+    flag = ["--config", config] if config.endswith((".yaml", ".yml")) else ["--cfg_name", config]
+    cfg, _ = load_run_config(common_parser("speed").parse_args(flag), MCVAE_SPEC.config_cls, check=MCVAE_SPEC.check,
+                             extra_flags=MCVAE_SPEC.extra_flags)
+    dm, _ = MCVAE_SPEC.build(cfg, None)
+    return dm
 
 
 if __name__ == "__main__":

@@ -77,3 +77,121 @@ def test_profile_records_only_the_asked_epochs_of_the_real_training_run(tmp_path
     assert all(0 < row["share_of_wall"] < 1 for row in summary["top"])
     assert summary["aten_calls_per_step"] > 100  # forward, backward and optimizer of a 6-layer MLP VAE
     assert "| operator | self ms |" in capsys.readouterr().out
+
+
+FAKE_AUTHORS = {
+    # top-level imports the loader must not run (torchvision does not import beside this torch)
+    "emb_mcvae.py": """import torchvision
+from modules.globals import DEVICE
+
+
+class ConditionMasking(nn.Module):
+    def __init__(self, arch, spars_params):
+        super().__init__()
+        self.p = spars_params["sparsity"]
+
+
+class ConditionEmbedding(nn.Module):
+    def __init__(self, arch):
+        super().__init__()
+        self.n = len(arch["cond_dims"])
+
+
+class mcVAE(nn.Module):
+    calls = []  # (step, batch rows, condition columns), for the test
+
+    def __init__(self, arch, spars_params):
+        super().__init__()
+        self.arch = arch
+        self.msk = ConditionMasking(arch, spars_params)
+        self.lin = nn.Linear(arch["rp_dim"] + len(arch["cond_dims"]), arch["rp_dim"])
+
+    def forward(self, x, y):
+        x_hat = self.lin(torch.cat([x, y], 1))
+        return x_hat[:, :2], x_hat[:, 2:4], None, None, x_hat
+""",
+    "data.py": """from diffusers import AutoencoderKL
+
+
+class RefPointData(Dataset):
+    def __init__(self, X, Y):
+        self.X, self.Y = torch.tensor(X, dtype=torch.float), torch.tensor(Y, dtype=torch.float)
+
+    def __len__(self):
+        return len(self.Y)
+
+    def __getitem__(self, idx):
+        return self.X[idx], self.Y[idx]
+""",
+    "utils.py": """from openTSNE import TSNE
+
+
+def vae_loss(x, x_hat, mean, logvar, kld_weight):
+    return nn.functional.mse_loss(x_hat, x, reduction="sum"), (mean * 0).sum()
+
+
+def train_step(train_loader, model, loss_fn, optimizer, kld_weight, mean_reduce=False):
+    for x, y in train_loader:
+        type(model).calls.append(("train", len(x), y.shape[1]))
+        optimizer.zero_grad()
+        mean, logvar, _, _, x_hat = model(x, y)
+        loss = sum(loss_fn(x, x_hat, mean, logvar, kld_weight))
+        loss.backward()
+        optimizer.step()
+
+
+def val_step(val_loader, model, loss_fn, kld_weight, mean_reduce=False):
+    for x, y in val_loader:
+        type(model).calls.append(("val", len(x), y.shape[1]))
+""",
+}
+
+
+def fake_authors(root: Path) -> Path:
+    (root / "modules").mkdir(parents=True)
+    for name, text in FAKE_AUTHORS.items():
+        (root / "modules" / name).write_text(text)
+    return root
+
+
+def test_the_authors_loop_runs_their_definitions_alone_on_our_split(tmp_path, biked_frame, capsys, monkeypatch):
+    """Only the named classes and functions of their files run (not their imports), on this project's training and
+    validation rows, every epoch a train_step over batches of 128 and a val_step; the speed report then gives the
+    ratio to them. A wrong path or changed code is a clear error."""
+    import pytest
+    import yaml
+
+    authors = load("authors_mcvae")
+    root = fake_authors(tmp_path / "authors")
+    csv = tmp_path / "slice.csv"
+    biked_frame.head(400).to_csv(csv, index=False)
+    raw = yaml.safe_load((ROOT / "configs" / "mcvae_biked_paper.yaml").read_text())
+    raw["data"]["csv_path"] = str(csv)
+    raw["trainer"]["max_epochs"] = 2
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    speed = load("bench_mcvae_speed")
+    dm = speed.datamodule_of(str(config))
+    namespace = authors.authors_namespace(root)
+    assert "AutoencoderKL" not in namespace and "TSNE" not in namespace  # their imports did not run
+    seconds = authors.time_authors_loop(root, dm, epochs=2, namespace=namespace)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    n_train, n_val = len(dm.tensors["train"][0]), len(dm.tensors["val"][0])
+    calls = namespace["mcVAE"].calls
+    train = [c[1] for c in calls if c[0] == "train"]
+    assert train == 2 * ([128] * (n_train // 128) + ([n_train % 128] if n_train % 128 else []))
+    assert sum(c[1] for c in calls if c[0] == "val") == 2 * n_val
+    assert {c[2] for c in calls} == {8}  # seven categorical conditions and the chainring
+
+    assert speed.main(["--configs", str(config), "--repeats", "1", "--logdir", str(tmp_path / "logs"),
+                       "--authors", str(root), "--authors_epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "the authors' loop: median" in printed and "× the authors' loop" in printed
+    assert speed.main(["--configs", str(config), "--repeats", "1", "--logdir", str(tmp_path / "logs")]) == 0
+    assert "the authors' loop: not timed (pass --authors PATH" in capsys.readouterr().out
+
+    with pytest.raises(authors.AuthorsCodeError, match="does not exist: pass --authors the root"):
+        authors.authors_namespace(tmp_path / "nowhere")
+    (root / "modules" / "utils.py").write_text("def train_step():\n    pass\n")
+    with pytest.raises(authors.AuthorsCodeError, match="defines no vae_loss, val_step"):
+        authors.authors_namespace(root)

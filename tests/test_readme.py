@@ -134,6 +134,9 @@ COMMANDS: dict[str, Run | Covered | Synopsis] = {
     "python benchmarks/tradeoff_mcvae.py": Covered("tests/test_bench_mcvae.py::test_tradeoff_curve", "a long job"),
     "python benchmarks/bench_mcvae_speed.py": Covered("tests/test_bench_mcvae.py::test_speed_benchmark_reports_the_ratio",
                                                       "minutes of timing"),
+    "python benchmarks/bench_mcvae_speed.py --authors ../Masked_Conditioning": Covered(
+        "tests/test_bench_mcvae.py::test_the_authors_loop_runs_their_definitions_alone_on_our_split",
+        "needs a copy of the authors' repository; the test runs a stand-in with their interface"),
     "python -m experiments.sweep sparsity --out experiments/results/sparsity_schedules --workers 2 --initials 0.0 0.1 "
     "--targets 0.2 0.3 0.5 --seeds 0 --fast_eval":
         Covered("tests/test_experiments.py::test_sweep_runs_resumes_and_recomputes",
