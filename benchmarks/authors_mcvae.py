@@ -16,7 +16,6 @@ batches.
 from __future__ import annotations
 
 import ast
-import statistics
 import time
 from pathlib import Path
 
@@ -56,23 +55,20 @@ def authors_namespace(root: str | Path) -> dict:
     namespace = {"torch": torch, "nn": nn, "Dataset": Dataset, "DataLoader": DataLoader, "DEVICE": "cpu",
                  "__name__": "authors_mcvae"}
     load_definitions(root / "modules" / "emb_mcvae.py", {"ConditionMasking", "ConditionEmbedding", "mcVAE"}, namespace)
-    namespace["mcVAE"].__annotations__ = {}
     load_definitions(root / "modules" / "data.py", {"RefPointData"}, namespace)
     load_definitions(root / "modules" / "utils.py", {"vae_loss", "train_step", "val_step"}, namespace)
     return namespace
 
 
-def time_authors_loop(root: str | Path, datamodule, *, epochs: int = 30, seed: int = 42,
-                      namespace: dict | None = None) -> list[float]:
+def time_authors_loop(ns: dict, datamodule, *, epochs: int = 30, seed: int = 42) -> list[float]:
     """Seconds per epoch (train_step + val_step) of the authors' loop on `datamodule`'s training and validation
     rows (designs as this project scales them; categorical conditions as codes, which their masking shifts by
-    one so that 0 is the mask; the chainring as its scaled value, 0 where missing). `namespace`: their
-    definitions, already loaded (`authors_namespace`)."""
+    one so that 0 is the mask; the chainring as its scaled value, 0 where missing). `ns`: their definitions
+    (`authors_namespace`)."""
     import numpy as np
     import torch
     from torch import nn
 
-    ns = namespace if namespace is not None else authors_namespace(root)
     schema = datamodule.schema
     names = [c.name for c in schema.categorical] + [c.name for c in schema.numerical]
     unknown = [n for n in names if n not in AUTHOR_CONDITION_KEYS]
@@ -105,6 +101,3 @@ def time_authors_loop(root: str | Path, datamodule, *, epochs: int = 30, seed: i
         seconds.append(time.perf_counter() - started)
     return seconds
 
-
-def median_epoch_seconds(root: str | Path, datamodule, *, epochs: int = 30) -> float:
-    return statistics.median(time_authors_loop(root, datamodule, epochs=epochs))

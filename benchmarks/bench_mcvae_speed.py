@@ -59,20 +59,22 @@ def main(argv=None) -> int:
     p.add_argument("--authors_epochs", type=int, default=30, help="epochs of the authors' loop per repeat")
     args = p.parse_args(argv)
     quiet_lightning_logs()
-    authors_data = None
+    authors_code = authors_data = None
     if args.authors:
         from benchmarks.authors_mcvae import authors_namespace
 
-        authors_namespace(args.authors)  # a wrong path fails now, not after the first training
+        authors_code = authors_namespace(args.authors)  # a wrong path fails now, not after the first training
         authors_data = datamodule_of(args.configs[0])
+    from experiments.sweep import config_epochs
+
     seconds = {config: [] for config in args.configs}
-    epochs = {config: args.epochs or config_epochs(config) for config in args.configs}
+    epochs = {config: config_epochs(config, args.epochs) for config in args.configs}
     authors: list[float] = []
     for repeat in range(args.repeats):
-        if authors_data is not None:
+        if authors_code is not None:
             from benchmarks.authors_mcvae import time_authors_loop
 
-            per_epoch = time_authors_loop(args.authors, authors_data, epochs=args.authors_epochs)
+            per_epoch = time_authors_loop(authors_code, authors_data, epochs=args.authors_epochs)
             authors.extend(per_epoch)
             print(f"repeat {repeat + 1}, the authors' loop: median {statistics.median(per_epoch):.4f} s/epoch "
                   f"over {len(per_epoch)} epochs", flush=True)
@@ -92,12 +94,6 @@ def main(argv=None) -> int:
         print(f"{config}: median fit {median:.1f} s over {len(values)} runs ({', '.join(f'{v:.1f}' for v in values)}), "
               f"{per_epoch:.4f} s/epoch; {median / reference:.2f}× {args.configs[0]}{versus}")
     return 0
-
-
-def config_epochs(config: str) -> int:
-    from experiments.sweep import config_epochs as epochs_of
-
-    return epochs_of(config, None)
 
 
 def datamodule_of(config: str):

@@ -11,8 +11,8 @@ Its class head learns on real images only, so the decoder can find textures that
 adversarial example). With the GAN term (`realism`) the samples of rare prompts (fork type 1 asked for alone)
 turned to speckle, the more so the larger its weight; without it they stay clean. Rare categories asked for
 show more often in every run, at a cost in image quality (benchmarks/RESULTS.md, "conv-mcVAE ablation 2"). The
-shipped configs leave the critic off; the nearest-image adherence of the evaluation is the check no texture can
-pass.
+nearest-image adherence of the evaluation is the check no texture can pass. `conv_mcvae_biked_small` and
+`conv_mcvae_biked` ship the critic with `shift` ("conv-mcVAE ablation 4"); `conv_mcvae_biked_paper` has none.
 
 A small critic fits the training images' conditions and stops generalising (its loss on real validation images
 rose from 1.9 to 2.9 while the generated images' fell below the real ones', "conv-mcVAE ablation 3"): the
@@ -128,9 +128,10 @@ class ConditionCritic(nn.Module):
                 codes = (cat + self.offsets)[known_cat]
                 self.category_counts += torch.bincount(codes, minlength=len(self.category_counts)).to(
                     self.category_counts.dtype)
+        real = real.detach()
         if self.training:
-            real, generated = self.augment(real.detach(), generator), self.augment(generated, generator)
-        on_real = self(real.detach())
+            real, generated = self.augment(real, generator), self.augment(generated, generator)
+        on_real = self(real)
         critic = self.condition_loss(on_real, cat, num, known_cat, known_num)
         frozen = {name: value.detach() for name, value in self.named_parameters()}
         judged = functional_call(self, frozen, (generated,))

@@ -154,7 +154,7 @@ def fake_authors(root: Path) -> Path:
     return root
 
 
-def test_the_authors_loop_runs_their_definitions_alone_on_our_split(tmp_path, biked_frame, capsys, monkeypatch):
+def test_the_authors_loop_runs_their_definitions_alone_on_our_split(tmp_path, biked_frame, capsys):
     """Only the named classes and functions of their files run (not their imports), on this project's training and
     validation rows, every epoch a train_step over batches of 128 and a val_step; the speed report then gives the
     ratio to them. A wrong path or changed code is a clear error."""
@@ -174,7 +174,7 @@ def test_the_authors_loop_runs_their_definitions_alone_on_our_split(tmp_path, bi
     dm = speed.datamodule_of(str(config))
     namespace = authors.authors_namespace(root)
     assert "AutoencoderKL" not in namespace and "TSNE" not in namespace  # their imports did not run
-    seconds = authors.time_authors_loop(root, dm, epochs=2, namespace=namespace)
+    seconds = authors.time_authors_loop(namespace, dm, epochs=2)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     n_train, n_val = len(dm.tensors["train"][0]), len(dm.tensors["val"][0])
     calls = namespace["mcVAE"].calls
