@@ -17,6 +17,15 @@ from modules.ema import EMA
 from modules.errors import UserError
 
 
+def step_generator(seed: int, stream: int, step: int, *, rank: int = 0, device=None) -> torch.Generator:
+    """The generator of optimizer step `step` of a run with `seed` (stream 0: training masks and noise, 1 + i:
+    validation batch i): also what modules/stacked.py draws from, so a stacked model sees its single run's masks."""
+    g = torch.Generator(device=device or "cpu")
+    # DDP: masks and noise differ per rank (rank 0: as on one device)
+    g.manual_seed((seed * 1_000_003 + stream) * 1_000_003 + step + 7_919 * rank)
+    return g
+
+
 class MaskedConditioningModule(pl.LightningModule):
     """Holds the fitted condition schema, `ConditionMasking` and `ConditionEmbedding` built from the run config,
     and the training loop every model shares (manual optimisation, fused steps, EMA, epoch logging, AdamW + StepLR).
@@ -81,11 +90,8 @@ class MaskedConditioningModule(pl.LightningModule):
 
     def step_generator(self, stream: int = 0) -> torch.Generator:
         """RNG for masks and noise as a function of (seed, stream, global step): a resumed run draws the same numbers."""
-        g = torch.Generator(device=self.device)
-        seed = (self.cfg.trainer.seed * 1_000_003 + stream) * 1_000_003 + int(self.global_step)
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        g.manual_seed(seed + 7_919 * rank)  # DDP: masks and noise differ per rank (rank 0: as on one device)
-        return g
+        return step_generator(self.cfg.trainer.seed, stream, int(self.global_step), rank=rank, device=self.device)
 
     def current_sparsity(self) -> float:
         """The masking probability for this optimizer step (per-step schedules are evaluated at `global_step`,
@@ -256,10 +262,12 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         """τ of z = μ_p + τ·σ_p·ε at generation (`model.temperature` where the model has one)."""
         return float(getattr(self.cfg.model, "temperature", 1.0))
 
-    def _reconstruct(self, x, c: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """(x̂, μ, log σ², z) with z drawn from q(z | x(, c))."""
+    def _reconstruct(self, x, c: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     noise: Optional[torch.Tensor] = None):
+        """(x̂, μ, log σ², z) with z drawn from q(z | x(, c)); `noise`: the standard normal ε, drawn when not given."""
         mu, logvar = self.encode(x, c)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = noise if noise is not None else torch.randn(mu.shape, generator=generator, device=mu.device,
+                                                          dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)  # reparameterisation (Kingma & Welling 2014, Eq. 10)
         return self.decode(z, c), mu, logvar, z
 

@@ -275,12 +275,16 @@ class TensorBatches:
     def __len__(self) -> int:
         return (self.n_batches + self.group - 1) // self.group
 
+    @staticmethod
+    def shuffled_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
+        """The row order of epoch `epoch` of a run with `seed` (also what modules/stacked.py feeds a stacked model)."""
+        return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(epoch)))
+
     def _batches(self):
         device = self.tensors[0].device
         rows = self.tensors[0].shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch_fn()))
-            order = torch.randperm(rows, generator=g)
+            order = self.shuffled_order(rows, self.seed, self.epoch_fn())
         else:
             order = torch.arange(rows) if self.world > 1 else None
         if self.world > 1:

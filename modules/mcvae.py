@@ -228,6 +228,11 @@ class MCVAE(MaskedConditionalVAE):
         with σ per feature (fixed or learned) averaged over the batch ('gaussian_nll'; w = ½: ½·(−ELBO), Kingma &
         Welling 2014, Eq. 10)."""
         w = self.cfg.model.kl_weight
+        rec, kl = self.loss_terms(design, reconstruction, mu, logvar, prior)
+        return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
+
+    def loss_terms(self, design, reconstruction, mu, logvar, prior=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rec, KL) of `loss`, before they are weighed (modules/stacked.py weighs them per stacked model)."""
         mode = self.cfg.model.reconstruction
         if mode == "gaussian_nll":
             rec = gaussian_nll(design, reconstruction, self.log_sigma).mean()
@@ -235,8 +240,7 @@ class MCVAE(MaskedConditionalVAE):
             rec = F.mse_loss(reconstruction, design, reduction="sum" if mode != "mse" else "mean")
             if mode == "sse_per_design":
                 rec = rec / design.shape[0]
-        kl = kl_divergence(mu, logvar, prior).mean()
-        return {"loss": (1 - w) * rec + w * kl, "reconstruction": rec, "kl": kl}
+        return rec, kl_divergence(mu, logvar, prior).mean()
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
