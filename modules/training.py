@@ -640,6 +640,11 @@ def train_main(argv, spec) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
     start_epoch, point = 0, None
+    if resume_from is not None and resume_from.get("stacked_training"):
+        raise UserError(f"--ckpt_path {args.ckpt_path} was written by a stacked sweep (modules/stacked.py): it holds "
+                        "the trained weights, not the optimizer and schedule state a resumed run needs. Evaluate or "
+                        "sample with it (evaluate.py --ckpt, sample.py --ckpt); to train longer, rerun the cell "
+                        "with more epochs.")
     if resume_from is not None:
         point = resume_step(resume_from)
         start_epoch = point.next_epoch
