@@ -183,6 +183,63 @@ def run_cell(overrides: dict, cid: str, cells_dir: str, logdir: str, base_config
     return row
 
 
+def run_stacked_cells(cells: list[dict], cids: list[str], cells_dir: str, logdir: str, base_config: str,
+                      fixed: dict, quiet: bool = True) -> list[dict]:
+    """Train and evaluate cells that share an architecture in one process, their models stacked
+    (modules/stacked.py); writes and returns their rows, as `run_cell` does for one."""
+    import torch
+
+    torch.set_num_threads(1)
+    from modules.stacked import load_mcvae_config, train_stacked
+    from modules.training import make_run_dir
+
+    configs, run_dirs = [], []
+    for overrides, cid in zip(cells, cids):
+        cell_logdir = Path(logdir) / cid
+        cell_logdir.mkdir(parents=True, exist_ok=True)
+        configs.append(load_mcvae_config(make_config(base_config, {**fixed, **overrides}, cell_logdir / "config.yaml")))
+        run_dirs.append(make_run_dir(str(cell_logdir), "run"))
+    log = Path(logdir) / f"stack-{cids[0]}.log"
+    import multiprocessing
+
+    if quiet and multiprocessing.current_process().name != "MainProcess":
+        sys.stdout.flush(), sys.stderr.flush()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        os.close(fd)
+    try:
+        with open(log, "a") as stream, (contextlib.redirect_stdout(stream) if quiet else contextlib.nullcontext()), \
+                (contextlib.redirect_stderr(stream) if quiet else contextlib.nullcontext()):
+            runs = train_stacked(configs, run_dirs, progress=not quiet)
+    except Exception as err:
+        raise RuntimeError(f"the stack of cells {', '.join(cids)} failed ({type(err).__name__}: {err}); see {log}") from err
+    rows = []
+    for overrides, cid, run in zip(cells, cids, runs):
+        row = {"cell_id": cid, **overrides, **read_run(run.run_dir), "seconds": round(run.seconds, 2),
+               "run_dir": os.path.relpath(run.run_dir, ROOT) if str(run.run_dir).startswith(str(ROOT)) else str(run.run_dir)}
+        _atomic_write(Path(cells_dir) / f"{cid}.json", json.dumps(row, indent=1, default=str))
+        rows.append(row)
+    return rows
+
+
+def stacks(cells: list[dict], ids: list[str], base_config: str | Path, fixed: dict, logdir: Path, *,
+           chunks: int = 1, max_stack: int = 32) -> list[list[int]]:
+    """Indices of the cells per stack: cells whose configs differ only in what a stack lets differ
+    (`modules.stacked.PER_MODEL_KEYS`) go together, each such group cut into `chunks` near-equal stacks (one per
+    worker) of at most `max_stack` models; a cell that changes shapes (the latent size) stands alone."""
+    from modules.stacked import load_mcvae_config, stack_signature
+
+    groups: dict[str, list[int]] = {}
+    for i, (overrides, cid) in enumerate(zip(cells, ids)):
+        path = make_config(base_config, {**fixed, **overrides}, Path(logdir) / cid / "config.yaml")
+        groups.setdefault(stack_signature(load_mcvae_config(path)[0]), []).append(i)
+    out = []
+    for members in groups.values():
+        n = max(min(chunks, len(members)), -(-len(members) // max_stack))
+        out += [members[j::n] for j in range(n)]
+    return out
+
+
 def _git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -197,10 +254,12 @@ def _git_commit() -> str:
 def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "mcvae_biked_paper", workers: int = 1,
               epochs: Optional[int] = None, csv_path: Optional[str] = None, fixed: Optional[dict] = None,
               logdir: Optional[str | Path] = None, progress: bool = True, quiet: bool = True,
-              command: Optional[str] = None) -> pd.DataFrame:
+              command: Optional[str] = None, stack: bool = False) -> pd.DataFrame:
     """Run every cell not done yet (workers > 0: that many processes; 0: in this process) and return all cells'
     rows, in the order of `cells`. `fixed` overrides apply to every cell; `epochs` and `csv_path` set
-    trainer.max_epochs (None or the config's value: unchanged) and data.csv_path. Results: <out>/cells/*.json, <out>/results.csv, <out>/meta.json."""
+    trainer.max_epochs (None or the config's value: unchanged) and data.csv_path. With `stack`, cells that share
+    an architecture train together in one process per worker (`stacks`, modules/stacked.py). Results:
+    <out>/cells/*.json, <out>/results.csv, <out>/meta.json."""
     out = Path(out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -223,22 +282,28 @@ def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"cells ({out.name})", unit="cell")
     args = dict(cells_dir=str(cells_dir), logdir=str(logdir), base_config=str(_base_config_path(base_config)),
                 fixed=fixed, quiet=quiet)
+    jobs = [(run_cell, (cell, cid), 1) for cell, cid in todo]
+    if stack and todo:
+        groups = stacks([c for c, _ in todo], [i for _, i in todo], args["base_config"], fixed, logdir,
+                        chunks=max(workers, 1))
+        jobs = [(run_cell, todo[g[0]], 1) if len(g) == 1 else
+                (run_stacked_cells, ([todo[i][0] for i in g], [todo[i][1] for i in g]), len(g)) for g in groups]
     try:
         if workers <= 0:
-            for cell, cid in todo:
-                run_cell(cell, cid, **args)
-                bar and bar.update()
-        elif todo:
+            for fn, job_args, n in jobs:
+                fn(*job_args, **args)
+                bar and bar.update(n)
+        elif jobs:
             import multiprocessing
 
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             try:
-                pending = {pool.submit(run_cell, cell, cid, **args) for cell, cid in todo}
+                pending = {pool.submit(fn, *job_args, **args): n for fn, job_args, n in jobs}
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         future.result()  # a failed cell stops the sweep (the finished ones are kept)
-                        bar and bar.update()
+                        bar and bar.update(pending.pop(future))
             except BaseException:  # Ctrl-C or a failed cell: start nothing more (rerun to resume)
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -253,7 +318,7 @@ def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     run = {"command": command or " ".join(sys.argv), "commit": _git_commit(), "started": stamp,
            "wall_seconds": round(time.perf_counter() - started, 1), "cells": len(cells), "cells_run": len(todo),
-           "workers": workers, "base_config": str(base_config), "fixed": fixed,
+           "workers": workers, "stacked": stack, "base_config": str(base_config), "fixed": fixed,
            "cell_seconds_total": round(float(results["seconds"].sum()), 1) if len(results) else 0.0}
     meta = {**run, "invocations": [*meta.get("invocations", []), run]}
     _atomic_write(meta_path, json.dumps(meta, indent=1, default=str))
@@ -488,6 +553,10 @@ def main(argv=None) -> int:
     common.add_argument("--logdir", help="where run directories go (default logs/sweeps/<out name>)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_parse_assignment,
                         help="a fixed override for every cell, e.g. --set evaluation.adherence=false")
+    common.add_argument("--stack", action="store_true",
+                        help="train the cells that share an architecture together, their models stacked in one "
+                             "process per worker (modules/stacked.py; the weights agree with separate runs to "
+                             "float rounding)")
     common.add_argument("--fast_eval", action="store_true",
                         help="evaluation.adherence=false, evaluation.prior_draws=1 (the paper-protocol error is unchanged)")
     sp = sub.add_parser("sparsity", parents=[common], help="the five schedules over initial × target sparsity")
@@ -512,7 +581,7 @@ def main(argv=None) -> int:
             axes["trainer.seed"] = args.seeds
         cells = grid(**axes)
     results = run_cells(cells, out, base_config=args.base_config, workers=args.workers, epochs=args.epochs,
-                        csv_path=args.csv_path, fixed=fixed, logdir=args.logdir,
+                        csv_path=args.csv_path, fixed=fixed, logdir=args.logdir, stack=args.stack,
                         command="python -m experiments.sweep " + shlex.join(sys.argv[1:] if argv is None else argv))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         if args.study == "sparsity":
