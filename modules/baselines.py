@@ -4,7 +4,8 @@
 - `conditional_forest`: a random forest that regresses the design on the (masked) conditions (a point predictor).
   A masked categorical is its own category and a masked numerical is missing, exactly what the model gets. It is
   fitted once on the training designs, each repeated at every evaluation sparsity with its own random masks, so
-  one forest answers any subset of conditions, like the model.
+  one forest answers any subset of conditions, like the model. Its predictions are cached by what it is fitted
+  on and asked (modules/fit_cache.py): the second run on a split fits nothing.
 - `train_sample`: k random training designs, conditions ignored (the right spread, no conditioning).
 - For adherence: the majority class (categorical) and the training mean (numerical).
 """
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from modules import fit_cache
 from modules.conditioning import MaskedConditions
 from modules.progress import bar
 
@@ -46,27 +48,41 @@ class ConditionalForest:
 
     def __init__(self, model, design: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, levels: Sequence[float],
                  *, seed: int = 0):
-        from sklearn.ensemble import RandomForestRegressor
-
         generator = torch.Generator(device=cat.device).manual_seed(int(seed) + 5_000)
         features, targets = [], []
         for level in levels:  # every training design once per evaluation sparsity, with fresh masks
             cat_mask, num_mask = model.masking.random_masks(cat, num, level, generator)
             features.append(_features(model, model.masking.apply(cat, num, cat_mask, num_mask)))
             targets.append(design.cpu().numpy())
-        features, targets = np.concatenate(features), np.concatenate(targets)
-        # grown FOREST_TREES_PER_STEP trees at a time for the progress bar; warm starts draw the trees' seeds as
-        # one fit would, so the forest is the same
-        self.forest = RandomForestRegressor(n_estimators=0, min_samples_leaf=FOREST_MIN_LEAF, max_features=0.5,
-                                            n_jobs=-1, random_state=int(seed), warm_start=True)
-        for trees in bar(range(FOREST_TREES_PER_STEP, FOREST_TREES + 1, FOREST_TREES_PER_STEP),
-                         desc="conditional forest", unit="step"):
-            self.forest.set_params(n_estimators=trees).fit(features, targets)
+        self._features, self._targets = np.concatenate(features), np.concatenate(targets)
+        self._seed = int(seed)
+        # what the forest is fitted on: its predictions are cached under it (modules/fit_cache.py)
+        self.key = fit_cache.fingerprint(self._features, self._targets, trees=FOREST_TREES, min_leaf=FOREST_MIN_LEAF,
+                                         max_features=0.5, seed=self._seed)
+        self._forest = None
         self.model = model
 
+    @property
+    def forest(self):
+        """The fitted `RandomForestRegressor`, fitted on first use (a cached prediction needs none)."""
+        if self._forest is None:
+            from sklearn.ensemble import RandomForestRegressor
+
+            # grown FOREST_TREES_PER_STEP trees at a time for the progress bar; warm starts draw the trees' seeds
+            # as one fit would, so the forest is the same
+            forest = RandomForestRegressor(n_estimators=0, min_samples_leaf=FOREST_MIN_LEAF, max_features=0.5,
+                                           n_jobs=-1, random_state=self._seed, warm_start=True)
+            for trees in bar(range(FOREST_TREES_PER_STEP, FOREST_TREES + 1, FOREST_TREES_PER_STEP),
+                             desc="conditional forest", unit="step"):
+                forest.set_params(n_estimators=trees).fit(self._features, self._targets)
+            self._forest = forest.set_params(n_jobs=1)  # predicting on one core sums the trees in a fixed order
+        return self._forest
+
     def predict(self, conditions: MaskedConditions) -> torch.Tensor:
-        prediction = self.forest.predict(_features(self.model, conditions))
-        return torch.from_numpy(np.asarray(prediction, dtype=np.float32)).reshape(len(conditions), -1)
+        query = _features(self.model, conditions)
+        prediction = fit_cache.cached("conditional_forest_prediction", fit_cache.fingerprint(query, forest=self.key),
+                                      lambda: np.asarray(self.forest.predict(query), dtype=np.float32))
+        return torch.from_numpy(prediction).reshape(len(conditions), -1)
 
 
 def majority_scores(kind: str, train_values: np.ndarray, test_values: np.ndarray) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modules import design_checks, scoring
+from modules import design_checks, fit_cache, scoring
 from modules.baselines import ConditionalForest, informative, majority_scores
 from modules.conditioning import MaskedConditions
 from modules.config import EvaluationConfig
@@ -201,8 +201,14 @@ def _with_mean(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarray, schema, seed: int = 0) -> dict:
-    """One random forest per condition, predicting it from a (normalised) design; fitted on real training designs."""
+    """One random forest per condition, predicting it from a (normalised) design; fitted on real training designs,
+    or read from the fit cache when these designs and labels have been fitted before (modules/fit_cache.py)."""
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    def fitted(kind: str, estimator, x: np.ndarray, y: np.ndarray):
+        key = fit_cache.fingerprint(x, y, kind=kind, trees=50, min_leaf=2, seed=seed)
+        # fitted on all cores; predicting on one sums the trees in a fixed order (the same figures every run)
+        return fit_cache.cached(f"adherence_{kind}", key, lambda: estimator.fit(x, y).set_params(n_jobs=1))
 
     predictors = {}
     tokens = schema.mask_tokens()
@@ -211,21 +217,22 @@ def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarr
         known = cat[:, j] != tokens[j]
         if len(np.unique(cat[known, j])) >= 2:  # else there is nothing to predict
             clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
-            predictors[cond.name] = ("categorical", j, clf.fit(designs[known], cat[known, j]))
+            predictors[cond.name] = ("categorical", j, fitted("categorical", clf, designs[known], cat[known, j]))
         progress.update()
     for j, cond in enumerate(schema.numerical):
         known = ~np.isnan(num[:, j])
         reg = RandomForestRegressor(n_estimators=50, min_samples_leaf=2, n_jobs=-1, random_state=seed)
-        predictors[cond.name] = ("numerical", j, reg.fit(designs[known], num[known, j]))
+        predictors[cond.name] = ("numerical", j, fitted("numerical", reg, designs[known], num[known, j]))
         progress.update()
     progress.close()
     return predictors
 
 
-def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray) -> float:
+def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray, prediction=None) -> float:
+    """Accuracy or R² of `predictor` on `designs` (or of its `prediction` for them, made beforehand)."""
     if len(truth) == 0:
         return float("nan")
-    prediction = predictor.predict(designs)
+    prediction = predictor.predict(designs) if prediction is None else prediction
     if kind == "categorical":
         return float(np.mean(prediction == truth))
     from sklearn.metrics import r2_score
@@ -260,15 +267,21 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, 
     g = _generator(cfg.paper_z_seed + 1000, design.device)
     uniform = mask_draws(cat, num, cfg)
     counts = {name: {} for name in rows}
+    generated, masked_cat, masked_num = [], [], []
     for level in bar(cfg.sparsity_levels, desc="adherence of generated designs", unit="level"):
         conditions = level_masks(model, cat, num, level, uniform)
-        generated = model.generate(conditions, generator=g).cpu().numpy()
-        masked_cat = conditions.categorical.cpu().numpy() == model.masking.mask_tokens.cpu().numpy()
-        masked_num = conditions.numerical_mask.cpu().numpy()
-        for name, (kind, j, predictor) in predictors.items():
-            truth, known = _truth(kind, j, cat_np, num_np, model)
-            keep = known & ~(masked_cat[:, j] if kind == "categorical" else masked_num[:, j])
-            rows[name][level_column(level)] = _score(kind, predictor, generated[keep], truth[keep])
+        generated.append(model.generate(conditions, generator=g).cpu().numpy())
+        masked_cat.append(conditions.categorical.cpu().numpy() == model.masking.mask_tokens.cpu().numpy())
+        masked_num.append(conditions.numerical_mask.cpu().numpy())
+    n = len(design)
+    for name, (kind, j, predictor) in predictors.items():
+        # one prediction for all levels' designs (a forest predicts row by row): 1 call per condition, not 10
+        predicted = predictor.predict(np.concatenate(generated))
+        truth, known = _truth(kind, j, cat_np, num_np, model)
+        for i, level in enumerate(cfg.sparsity_levels):
+            keep = known & ~(masked_cat[i][:, j] if kind == "categorical" else masked_num[i][:, j])
+            rows[name][level_column(level)] = _score(kind, predictor, None, truth[keep],
+                                                     prediction=predicted[i * n:(i + 1) * n][keep])
             counts[name][count_column(level)] = int(keep.sum())
     return pd.DataFrame([{**rows[name], **counts[name]} for name in rows])
 

@@ -26,6 +26,12 @@ def _single_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_fit_cache(monkeypatch):
+    """Every test fits its own forests (a cached one would hide a change); tests/test_fit_cache.py turns it on."""
+    monkeypatch.setenv("MC_FIT_CACHE", "off")
+
+
 @pytest.fixture(scope="session")
 def biked_frame() -> pd.DataFrame:
     return pd.read_csv(_require(BIKED))
