@@ -9,7 +9,8 @@ split and on the project's split seeds.
 Every run is `train_mcvae.py` with its evaluation (`evaluate.py`'s tables): per-sparsity single-z SSE (the paper's
 protocol), energy score, mean-of-k and best-of-k SSE, the baselines on the same masks, adherence, diversity and
 validity. The first run of each config is timed alone (whole command, `fit` and evaluation); the others run
-`--workers` at a time.
+`--workers` at a time, or with `--stack` stacked in one process per worker (`modules/stacked.py`: the runs of a
+config on one split case train together; their weights agree with separate runs to float rounding).
 
 Printed, and written to benchmarks/results/bench_mcvae[_authors].{json,md}:
 1. the paper table (single-z SSE at sparsity 0 / 0.5 / 0.9 and the mean over the ten levels) on the authors'
@@ -62,6 +63,9 @@ def parse_args(argv=None):
                    help="a dotted config override for every run (e.g. evaluation.samples_per_design=8)")
     p.add_argument("--csv_path", help="the data file (default: the configs')")
     p.add_argument("--workers", type=int, default=2, help="runs at a time after the timed first one (each 1 thread)")
+    p.add_argument("--stack", action="store_true",
+                   help="after the timed runs, train the runs of each config and split case stacked in one process "
+                        "(python -m modules.stacked; one stack per worker)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     return p.parse_args(argv)
 
@@ -110,6 +114,28 @@ def execute(run: dict, fixed: dict, out: Path) -> dict:
     return {**run, "name": name, "run_dir": str(run_dir), "wall_seconds": round(wall, 2),
             "epochs": int(fit.group(1)), "fit_seconds": float(fit.group(2)),
             "eval_seconds": float(evaluated.group(1)) if evaluated else None}
+
+
+def execute_stack(runs: list[dict], fixed: dict, out: Path) -> list[dict]:
+    """Train and evaluate runs that share an architecture stacked in one process (`python -m modules.stacked`)."""
+    from experiments.sweep import make_config
+
+    names = [f"{Path(r['config']).stem}_{r['case']}{r['seed']}" for r in runs]
+    configs = [str(make_config(r["config"], {**fixed, **r["overrides"]}, out / "configs" / f"{name}.yaml"))
+               for r, name in zip(runs, names)]
+    cmd = [sys.executable, "-m", "modules.stacked", *configs, "--logdir", str(out / "logs")]
+    started = time.perf_counter()
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    run_dirs = [line.split(": ", 1)[1].strip() for line in result.stdout.splitlines()
+                if line.startswith("run directory: ")]
+    epochs = int(re.search(r"stacked models × (\d+) epochs", result.stdout).group(1))
+    return [{**r, "name": name, "run_dir": run_dir, "wall_seconds": round(wall / len(runs), 2), "epochs": epochs,
+             "fit_seconds": None, "eval_seconds": None, "stacked": len(runs)}
+            for r, name, run_dir in zip(runs, names, run_dirs)]
 
 
 def read_run(run: dict) -> dict:
@@ -222,10 +248,22 @@ def main(argv=None) -> int:
         print(f"  {result['name']} (timed alone): fit {result['fit_seconds']:.1f} s, whole command "
               f"{result['wall_seconds']:.1f} s", flush=True)
         done.append(result)
-    with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        for result in pool.map(lambda r: execute(r, fixed, out), rest):
-            print(f"  {result['name']}: {result['wall_seconds']:.1f} s", flush=True)
-            done.append(result)
+    if args.stack:  # one stack per (config, split case), cut into --workers stacks
+        groups: dict[tuple, list[dict]] = {}
+        for run in rest:
+            groups.setdefault((run["config"], run["case"]), []).append(run)
+        n = max(1, args.workers)
+        stacks = [members[j::n] for members in groups.values() for j in range(min(n, len(members)))]
+        with ThreadPoolExecutor(n) as pool:
+            for results in pool.map(lambda s: execute_stack(s, fixed, out), stacks):
+                print(f"  {len(results)} stacked ({', '.join(r['name'] for r in results)}): "
+                      f"{sum(r['wall_seconds'] for r in results):.1f} s", flush=True)
+                done.extend(results)
+    else:
+        with ThreadPoolExecutor(max(1, args.workers)) as pool:
+            for result in pool.map(lambda r: execute(r, fixed, out), rest):
+                print(f"  {result['name']}: {result['wall_seconds']:.1f} s", flush=True)
+                done.append(result)
     frame = pd.DataFrame([{**{k: v for k, v in r.items() if k != "overrides"}, **read_run(r)} for r in done])
     tag = "_authors" if args.authors_setup else ""
     sections = [f"machine: {platform.machine()}, {os.cpu_count()} cores; epochs {done[0]['epochs']}"

@@ -363,3 +363,35 @@ def train_stacked(configs: Sequence[tuple[object, str]], run_dirs: Sequence[Path
                 MCVAE_SPEC.evaluate(run.model, run.datamodule, run.run_dir / "eval", split="test", wandb_run=None)
             run.seconds += time.perf_counter() - started
     return runs
+
+
+def main(argv=None) -> int:
+    """`python -m modules.stacked CONFIG.yaml ... [--logdir DIR] [--no_eval]`: train mcVAE configs that differ only
+    in PER_MODEL_KEYS stacked in this process (others in their own stacks), each into its own run directory."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0].strip("`"))
+    p.add_argument("configs", nargs="+", help="YAML configs, as train_mcvae.py --config reads them")
+    p.add_argument("--logdir", default="logs", help="run directories go to <logdir>/<config name>_<timestamp>")
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation of each trained model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a sweep worker)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from modules.training import make_run_dir
+
+    configs = [load_mcvae_config(path) for path in args.configs]
+    run_dirs = [make_run_dir(args.logdir, Path(path).stem) for path in args.configs]
+    for run_dir in run_dirs:
+        print(f"run directory: {run_dir}", flush=True)
+    runs = train_stacked(configs, run_dirs, evaluate=not args.no_eval, progress=True)
+    for run in runs:
+        print(f"{run.run_dir}: {run.seconds:.1f} s (its share of the stack's training, and its evaluation)")
+    return 0
+
+
+if __name__ == "__main__":
+    from modules.errors import cli_entry
+
+    raise SystemExit(cli_entry(main)())

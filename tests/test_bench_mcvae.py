@@ -195,3 +195,26 @@ def test_the_authors_loop_runs_their_definitions_alone_on_our_split(tmp_path, bi
     (root / "modules" / "utils.py").write_text("def train_step():\n    pass\n")
     with pytest.raises(authors.AuthorsCodeError, match="defines no vae_loss, val_step"):
         authors.authors_namespace(root)
+
+
+def test_bench_mcvae_stacked_gives_the_tables_of_separate_runs(tmp_path, biked_frame, monkeypatch, capsys):
+    """--stack trains split seeds 1 and 2 in one process (modules/stacked.py): the same tables to 4 decimals."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    csv = tmp_path / "slice.csv"
+    biked_frame.head(400).to_csv(csv, index=False)
+    bench = load("bench_mcvae")
+    reports = {}
+    for mode in ("separate", "stacked"):
+        argv = ["--configs", "mcvae_biked", "--epochs", "2", "--split_seeds", "0", "1", "2", "--train_seeds",
+                "--csv_path", str(csv), "--workers", "1", "--results", str(tmp_path / mode),
+                "--set", "evaluation.samples_per_design=4", "--set", "evaluation.prior_draws=1",
+                "--set", "evaluation.adherence=false"]
+        assert bench.main(argv + (["--stack"] if mode == "stacked" else [])) == 0
+        reports[mode] = json.loads((tmp_path / mode / "bench_mcvae.json").read_text())["tables"]
+    printed = capsys.readouterr().out
+    assert "2 stacked (mcvae_biked_project1, mcvae_biked_project2)" in printed
+    assert reports["stacked"] == reports["separate"]
+    import pandas as pd
+
+    runs = pd.read_csv(tmp_path / "stacked" / "bench_mcvae_runs.csv")
+    assert runs["stacked"].fillna(1).tolist() == [1, 2, 2]  # the timed first run alone, then one stack of two

@@ -141,6 +141,10 @@ COMMANDS: dict[str, Run | Covered | Synopsis] = {
     "--targets 0.2 0.3 0.5 --seeds 0 --fast_eval":
         Covered("tests/test_experiments.py::test_sweep_runs_resumes_and_recomputes",
                 "it rewrites the committed results; the test runs the same sweep small"),
+    "python -m experiments.sweep sparsity --out experiments/results/sparsity_schedules_stacked --workers 2 "
+    "--initials 0.0 0.1 --targets 0.2 0.3 0.5 --seeds 0 --fast_eval --stack":
+        Covered("tests/test_stacked.py::test_the_sweep_stacks_cells_per_architecture_and_resumes",
+                "it rewrites the committed results; the test runs a stacked sweep small"),
     "python -m experiments.sweep dataset_size --out experiments/results/dataset_size --workers 2 --fractions 0.1 0.25 "
     "0.5 1.0 --seeds 0 1": Covered("tests/test_experiments.py::test_cli_dataset_size_and_hparams",
                                    "it rewrites the committed results"),

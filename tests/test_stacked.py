@@ -2,6 +2,7 @@
 evaluation tables), and the sweep stacks the cells that share an architecture."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -114,3 +115,21 @@ def test_the_sweep_stacks_cells_per_architecture_and_resumes(tmp_path, biked_sli
     again = sweep.run_cells(cells, out, base_config=base, workers=0, logdir=logdir, progress=False, stack=True,
                             fixed=sweep.FAST_EVAL)
     assert calls == [] and again.equals(results)  # every cell was written: a rerun trains nothing
+
+
+def test_bench_stacked_reports_both_pools(tmp_path, capsys):
+    """benchmarks/bench_stacked.py on a tiny setting: both pools train every cell, the table has each K."""
+    import importlib
+
+    bench = importlib.import_module("benchmarks.bench_stacked")  # by name: spawned workers import it again
+    assert bench.main(["--configs", "mcvae_biked_paper", "--ks", "2", "--epochs", "1", "--workers", "1",
+                       "--results", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_stacked.json").read_text())
+    (row,) = report["rows"]
+    assert row["K"] == 2 and row["epochs"] == 1
+    assert row["separate_models_epochs_per_s"] == round(2 / row["separate_s"], 2)
+    assert row["speedup"] == round(row["separate_s"] / row["stacked_s"], 2)
+    runs = sorted((tmp_path / "bench_stacked_runs" / "logs").iterdir())
+    assert len(runs) == 4  # 2 cells × (separate, stacked), each a run directory with its checkpoint
+    assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+    assert "| mcvae_biked_paper | 2 | 1 |" in (tmp_path / "bench_stacked.md").read_text()
