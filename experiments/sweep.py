@@ -302,8 +302,10 @@ def run_cells(cells: list[dict], out: str | Path, *, base_config: str | Path = "
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
+                        n = pending.pop(future)
                         future.result()  # a failed cell stops the sweep (the finished ones are kept)
-                        bar and bar.update(pending.pop(future))
+                        if bar is not None:
+                            bar.update(n)
             except BaseException:  # Ctrl-C or a failed cell: start nothing more (rerun to resume)
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
