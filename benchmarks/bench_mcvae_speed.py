@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     for config, values in seconds.items():
         median = statistics.median(values)
         per_epoch = median / epochs[config]
-        versus = (f"; {statistics.median(authors) / per_epoch:.2f}× the authors' loop" if authors else "")
+        if not authors:
+            versus = ""
+        elif per_epoch > 0:
+            versus = f"; {statistics.median(authors) / per_epoch:.2f}× the authors' loop"
+        else:  # train_main prints the fit to 0.01 s: a tiny smoke run can read 0.00
+            versus = "; too short to compare with the authors' loop (fit under 0.005 s)"
         print(f"{config}: median fit {median:.1f} s over {len(values)} runs ({', '.join(f'{v:.1f}' for v in values)}), "
               f"{per_epoch:.4f} s/epoch; {median / reference:.2f}× {args.configs[0]}{versus}")
     return 0
