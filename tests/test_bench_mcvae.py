@@ -218,3 +218,15 @@ def test_bench_mcvae_stacked_gives_the_tables_of_separate_runs(tmp_path, biked_f
 
     runs = pd.read_csv(tmp_path / "stacked" / "bench_mcvae_runs.csv")
     assert runs["stacked"].fillna(1).tolist() == [1, 2, 2]  # the timed first run alone, then one stack of two
+
+
+def test_step_split_names_every_phase(capsys):
+    split = load("step_split_mcvae")
+    assert split.main(["--config", "mcvae_biked_paper", "--steps", "2", "--repeats", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    import re
+
+    phases = dict(re.findall(r"([a-zA-Z +]+?) ([0-9.]+)(?:,|;)", line.split(": ", 1)[1]))
+    assert [k.strip() for k in phases] == list(split.PHASES)
+    step = float(re.search(r"step ([0-9.]+) ms", line).group(1))
+    assert step > 0 and abs(sum(map(float, phases.values())) - step) < 0.01  # the phases add up to the step
