@@ -266,6 +266,12 @@ class StackedTrainer:
                                               "the data, and run those cells on their own")
             if self.scheduler is not None:
                 self.scheduler.step()
+            if not self.progress and (self.epoch + 1) % max(1, t.max_epochs // 10) == 0:
+                # no bar (a sweep worker writes to its log): a line every tenth of the run, for `tail -f`
+                losses = [row[0] for row in train]
+                print(f"{len(self.runs)} stacked models: epoch {self.epoch + 1}/{t.max_epochs}, "
+                      f"{time.perf_counter() - started:.0f} s, train loss {min(losses):.4g} … {max(losses):.4g}",
+                      flush=True)
         seconds = time.perf_counter() - started
         for r, logger in zip(self.runs, loggers):
             logger.save()

@@ -111,6 +111,8 @@ def test_the_sweep_stacks_cells_per_architecture_and_resumes(tmp_path, biked_sli
     assert results["sse_paper_0.0"].nunique() == 5
     meta = yaml.safe_load((out / "meta.json").read_text())
     assert meta["stacked"] is True
+    logs = sorted(logdir.glob("stack-*.log"))
+    assert len(logs) == 2 and all("2 stacked models: epoch 2/2" in p.read_text() for p in logs)  # for tail -f
     calls.clear()
     again = sweep.run_cells(cells, out, base_config=base, workers=0, logdir=logdir, progress=False, stack=True,
                             fixed=sweep.FAST_EVAL)
