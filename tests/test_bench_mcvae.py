@@ -230,3 +230,17 @@ def test_step_split_names_every_phase(capsys):
     assert [k.strip() for k in phases] == list(split.PHASES)
     step = float(re.search(r"step ([0-9.]+) ms", line).group(1))
     assert step > 0 and abs(sum(map(float, phases.values())) - step) < 0.01  # the phases add up to the step
+
+
+def test_compile_probe_compares_both_runs(capsys):
+    """benchmarks/compile_mcvae.py small: a ratio per round, the median and the drift of the compiled weights."""
+    probe = load("compile_mcvae")
+    assert probe.main(["--config", "mcvae_biked_paper", "--rounds", "1", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    import re
+
+    assert re.search(r"round 1: eager [0-9.]+ ms a step, compiled [0-9.]+ ms: [0-9.]+×", printed)
+    drift = float(re.search(r"differ by up to ([0-9.e+-]+)", printed).group(1))
+    assert 0 <= drift < 1e-3  # three steps from the same weights, masks and noise: rounding only
+    loss = re.search(r"the loss is (\S+) eager and (\S+) compiled", printed)
+    assert abs(float(loss.group(1)) - float(loss.group(2))) < 1e-3 * abs(float(loss.group(1)))
