@@ -162,21 +162,33 @@ def run_cell(overrides: dict, cid: str, cells_dir: str, logdir: str, base_config
     before = set(cell_logdir.iterdir())
     started = time.perf_counter()
     log = cell_logdir / "train.log"
+    with _output_to(log, quiet):
+        code = train_main(["--config", str(config), "--logdir", str(cell_logdir), "--name", "run"], MCVAE_SPEC)
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"cell {cid} failed with exit code {code}; see {log}")
+    new = sorted((p for p in set(cell_logdir.iterdir()) - before if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return _write_row(overrides, cid, new[-1], seconds, cells_dir)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path, quiet: bool):
+    """With `quiet`, this process's output goes to `log`; in a worker process its file descriptors too, so that
+    Lightning's loggers and C-level output land there as well."""
     import multiprocessing
 
-    if quiet and multiprocessing.current_process().name != "MainProcess":  # a worker: Lightning's loggers too
+    if quiet and multiprocessing.current_process().name != "MainProcess":
         sys.stdout.flush(), sys.stderr.flush()
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(fd, 1), os.dup2(fd, 2)
         os.close(fd)
     with open(log, "a") as stream, (contextlib.redirect_stdout(stream) if quiet else contextlib.nullcontext()), \
             (contextlib.redirect_stderr(stream) if quiet else contextlib.nullcontext()):
-        code = train_main(["--config", str(config), "--logdir", str(cell_logdir), "--name", "run"], MCVAE_SPEC)
-    seconds = time.perf_counter() - started
-    if code != 0:
-        raise RuntimeError(f"cell {cid} failed with exit code {code}; see {log}")
-    new = sorted((p for p in set(cell_logdir.iterdir()) - before if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    run_dir = new[-1]
+        yield
+
+
+def _write_row(overrides: dict, cid: str, run_dir: Path, seconds: float, cells_dir: str) -> dict:
+    """A finished cell's row (its overrides and its run's tables), written to <cells_dir>/<cid>.json atomically."""
     row = {"cell_id": cid, **overrides, **read_run(run_dir), "seconds": round(seconds, 2),
            "run_dir": os.path.relpath(run_dir, ROOT) if str(run_dir).startswith(str(ROOT)) else str(run_dir)}
     _atomic_write(Path(cells_dir) / f"{cid}.json", json.dumps(row, indent=1, default=str))
@@ -200,26 +212,13 @@ def run_stacked_cells(cells: list[dict], cids: list[str], cells_dir: str, logdir
         configs.append(load_mcvae_config(make_config(base_config, {**fixed, **overrides}, cell_logdir / "config.yaml")))
         run_dirs.append(make_run_dir(str(cell_logdir), "run"))
     log = Path(logdir) / f"stack-{cids[0]}.log"
-    import multiprocessing
-
-    if quiet and multiprocessing.current_process().name != "MainProcess":
-        sys.stdout.flush(), sys.stderr.flush()
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(fd, 1), os.dup2(fd, 2)
-        os.close(fd)
     try:
-        with open(log, "a") as stream, (contextlib.redirect_stdout(stream) if quiet else contextlib.nullcontext()), \
-                (contextlib.redirect_stderr(stream) if quiet else contextlib.nullcontext()):
+        with _output_to(log, quiet):
             runs = train_stacked(configs, run_dirs, progress=not quiet)
     except Exception as err:
         raise RuntimeError(f"the stack of cells {', '.join(cids)} failed ({type(err).__name__}: {err}); see {log}") from err
-    rows = []
-    for overrides, cid, run in zip(cells, cids, runs):
-        row = {"cell_id": cid, **overrides, **read_run(run.run_dir), "seconds": round(run.seconds, 2),
-               "run_dir": os.path.relpath(run.run_dir, ROOT) if str(run.run_dir).startswith(str(ROOT)) else str(run.run_dir)}
-        _atomic_write(Path(cells_dir) / f"{cid}.json", json.dumps(row, indent=1, default=str))
-        rows.append(row)
-    return rows
+    return [_write_row(overrides, cid, run.run_dir, run.seconds, cells_dir)
+            for overrides, cid, run in zip(cells, cids, runs)]
 
 
 def stacks(cells: list[dict], ids: list[str], base_config: str | Path, fixed: dict, logdir: Path, *,
