@@ -228,11 +228,10 @@ def fit_condition_predictors(designs: np.ndarray, cat: np.ndarray, num: np.ndarr
     return predictors
 
 
-def _score(kind: str, predictor, designs: np.ndarray, truth: np.ndarray, prediction=None) -> float:
-    """Accuracy or R² of `predictor` on `designs` (or of its `prediction` for them, made beforehand)."""
+def _score(kind: str, prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Accuracy (categorical) or R² (numerical) of a predictor's `prediction` against `truth`."""
     if len(truth) == 0:
         return float("nan")
-    prediction = predictor.predict(designs) if prediction is None else prediction
     if kind == "categorical":
         return float(np.mean(prediction == truth))
     from sklearn.metrics import r2_score
@@ -260,7 +259,7 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, 
         if train_cat is not None:
             train_truth, train_known = _truth(kind, j, np.asarray(train_cat), np.asarray(train_num), model)
             rows[name]["majority"] = majority_scores(kind, train_truth[train_known], truth[known])
-        rows[name]["real"] = _score(kind, predictor, real[known], truth[known])
+        rows[name]["real"] = _score(kind, predictor.predict(real)[known], truth[known])
         if train_cat is not None:
             rows[name]["informative"] = informative(kind, rows[name]["real"], rows[name]["majority"], int(known.sum()))
         rows[name]["n"] = int(known.sum())
@@ -280,8 +279,7 @@ def adherence(model, predictors: dict, design, cat, num, cfg: EvaluationConfig, 
         truth, known = _truth(kind, j, cat_np, num_np, model)
         for i, level in enumerate(cfg.sparsity_levels):
             keep = known & ~(masked_cat[i][:, j] if kind == "categorical" else masked_num[i][:, j])
-            rows[name][level_column(level)] = _score(kind, predictor, None, truth[keep],
-                                                     prediction=predicted[i * n:(i + 1) * n][keep])
+            rows[name][level_column(level)] = _score(kind, predicted[i * n:(i + 1) * n][keep], truth[keep])
             counts[name][count_column(level)] = int(keep.sum())
     return pd.DataFrame([{**rows[name], **counts[name]} for name in rows])
 
