@@ -95,22 +95,27 @@ def plan(args) -> list[dict]:
     return runs
 
 
+def _run(cmd: list[str]) -> tuple[str, float]:
+    """(stdout, wall seconds) of a training command run from the repository root (W&B off unless set)."""
+    started = time.perf_counter()
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result.stdout, time.perf_counter() - started
+
+
 def execute(run: dict, fixed: dict, out: Path) -> dict:
     """Train and evaluate one run; returns the run with its timings and run directory."""
     from experiments.sweep import make_config
 
     name = f"{Path(run['config']).stem}_{run['case']}{run['seed']}"
     config = make_config(run["config"], {**fixed, **run["overrides"]}, out / "configs" / f"{name}.yaml")
-    cmd = [sys.executable, "train_mcvae.py", "--config", str(config), "--logdir", str(out / "logs"), "--name", name]
-    started = time.perf_counter()
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    fit = re.search(r"trained (\d+) epochs in ([0-9.]+) s", result.stdout)
-    evaluated = re.search(r"evaluated in ([0-9.]+) s", result.stdout)
-    run_dir = Path(re.findall(r"run directory: (.+)", result.stdout)[-1].strip())
+    stdout, wall = _run([sys.executable, "train_mcvae.py", "--config", str(config), "--logdir", str(out / "logs"),
+                         "--name", name])
+    fit = re.search(r"trained (\d+) epochs in ([0-9.]+) s", stdout)
+    evaluated = re.search(r"evaluated in ([0-9.]+) s", stdout)
+    run_dir = Path(re.findall(r"run directory: (.+)", stdout)[-1].strip())
     return {**run, "name": name, "run_dir": str(run_dir), "wall_seconds": round(wall, 2),
             "epochs": int(fit.group(1)), "fit_seconds": float(fit.group(2)),
             "eval_seconds": float(evaluated.group(1)) if evaluated else None}
@@ -123,16 +128,9 @@ def execute_stack(runs: list[dict], fixed: dict, out: Path) -> list[dict]:
     names = [f"{Path(r['config']).stem}_{r['case']}{r['seed']}" for r in runs]
     configs = [str(make_config(r["config"], {**fixed, **r["overrides"]}, out / "configs" / f"{name}.yaml"))
                for r, name in zip(runs, names)]
-    cmd = [sys.executable, "-m", "modules.stacked", *configs, "--logdir", str(out / "logs")]
-    started = time.perf_counter()
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    run_dirs = [line.split(": ", 1)[1].strip() for line in result.stdout.splitlines()
-                if line.startswith("run directory: ")]
-    epochs = int(re.search(r"stacked models × (\d+) epochs", result.stdout).group(1))
+    stdout, wall = _run([sys.executable, "-m", "modules.stacked", *configs, "--logdir", str(out / "logs")])
+    run_dirs = [line.split(": ", 1)[1].strip() for line in stdout.splitlines() if line.startswith("run directory: ")]
+    epochs = int(re.search(r"stacked models × (\d+) epochs", stdout).group(1))
     return [{**r, "name": name, "run_dir": run_dir, "wall_seconds": round(wall / len(runs), 2), "epochs": epochs,
              "fit_seconds": None, "eval_seconds": None, "stacked": len(runs)}
             for r, name, run_dir in zip(runs, names, run_dirs)]

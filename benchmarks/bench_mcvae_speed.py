@@ -101,16 +101,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def datamodule_of(config: str):
-    """The data module (split, scaled designs, encoded conditions) that `config` trains on."""
+def built(config: str):
+    """(config, data module, initial model) of `config` (a name in configs/ or a YAML path), as training builds
+    them (the model under torch seed 0)."""
+    import torch
+
     from modules.registry import MCVAE_SPEC
     from modules.training import common_parser, load_run_config
 
     flag = ["--config", config] if config.endswith((".yaml", ".yml")) else ["--cfg_name", config]
     cfg, _ = load_run_config(common_parser("speed").parse_args(flag), MCVAE_SPEC.config_cls, check=MCVAE_SPEC.check,
                              extra_flags=MCVAE_SPEC.extra_flags)
-    dm, _ = MCVAE_SPEC.build(cfg, None)
-    return dm
+    torch.manual_seed(0)
+    dm, model = MCVAE_SPEC.build(cfg, None)
+    return cfg, dm, model
+
+
+def datamodule_of(config: str):
+    """The data module (split, scaled designs, encoded conditions) that `config` trains on."""
+    return built(config)[1]
 
 
 if __name__ == "__main__":

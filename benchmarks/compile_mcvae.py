@@ -29,15 +29,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from benchmarks.bench_mcvae_speed import built
     from modules.conditioning import MaskedConditions
-    from modules.registry import MCVAE_SPEC
-    from modules.training import common_parser, load_run_config
 
     torch.set_num_threads(1)
-    flag = ["--config", args.config] if args.config.endswith((".yaml", ".yml")) else ["--cfg_name", args.config]
-    cfg, _ = load_run_config(common_parser("compile").parse_args(flag), MCVAE_SPEC.config_cls, check=MCVAE_SPEC.check)
-    torch.manual_seed(0)
-    dm, base = MCVAE_SPEC.build(cfg)
+    cfg, dm, base = built(args.config)
     x, cat, num = (t[:cfg.trainer.batch_size] for t in dm.tensors["train"])
     latent = cfg.model.latent_dim
 

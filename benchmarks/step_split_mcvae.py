@@ -27,14 +27,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from modules.registry import MCVAE_SPEC
-    from modules.training import common_parser, load_run_config
+    from benchmarks.bench_mcvae_speed import built
 
     torch.set_num_threads(1)
-    flag = ["--config", args.config] if args.config.endswith((".yaml", ".yml")) else ["--cfg_name", args.config]
-    cfg, _ = load_run_config(common_parser("split").parse_args(flag), MCVAE_SPEC.config_cls, check=MCVAE_SPEC.check)
-    torch.manual_seed(0)
-    dm, model = MCVAE_SPEC.build(cfg)
+    cfg, dm, model = built(args.config)
     x, cat, num = (t[:cfg.trainer.batch_size] for t in dm.tensors["train"])
     o = cfg.optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
