@@ -213,3 +213,37 @@ def test_conditions_csv_gives_an_image_model_one_labelled_row_per_request(conv_r
                         "--out", str(out), "--singles", str(tmp_path / "single")]) == 0
     assert Image.open(out).size == (3 * 32 + 2 * 2, 2 * (32 + LABEL_HEIGHT) + 2)  # two rows of three
     assert len(list((tmp_path / "single").glob("*.png"))) == 6
+
+
+def test_the_prior_probe_scores_each_source_of_z(conv_run, tmp_path):
+    import benchmarks.prior_probe_conv_mcvae as probe_script
+    from modules.registry import spec_for
+    from modules.training import read_checkpoint
+
+    run, _, tmp = conv_run
+    ckpt = run / "checkpoints/last.ckpt"
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    try:
+        checkpoint = read_checkpoint(ckpt)
+        dm, model = spec_for(checkpoint, str(ckpt)).load(checkpoint, None)
+        table = probe_script.probe(model, dm, k=3, seed=0).set_index("z_from")
+        assert probe_script.main(["--ckpt", str(ckpt), "--k", "3", "--out", str(tmp_path / "probe.csv")]) == 0
+    finally:
+        mp.undo()
+    assert list(table.index) == ["prior", "same_conditions", "any_training", "real training images, same conditions",
+                                 "mean training image"]
+    # one sample's error = the mean of k's + the samples' spread (a bias-variance identity, exact per pixel)
+    assert table["one_sample"].to_numpy() == pytest.approx((table["mean_of_k"] + table["spread"]).to_numpy(), rel=1e-5)
+    assert (table["spread"].drop("mean training image") > 0).all()
+    raw, _, _ = dm.split_images("train")
+    from modules.image_data import to_model_range
+
+    x = to_model_range(dm.split_images("test")[0], dm.cfg.value_range)
+    assert table.loc["mean training image", "one_sample"] == pytest.approx(
+        float((to_model_range(raw, dm.cfg.value_range).mean(0, keepdim=True) - x).pow(2).mean()), rel=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "probe.csv").set_index("z_from"), table, rtol=1e-5)
+    # the same-condition rows share every categorical condition with their test row
+    train_cat = torch.tensor([[0, 1], [0, 2], [1, 1], [0, 1]])
+    rows = probe_script.same_condition_rows(train_cat, torch.tensor([[0, 1], [1, 1], [2, 2]]))
+    assert [r.tolist() for r in rows] == [[0, 3], [2], [0, 1, 2, 3]]  # no match: every row
