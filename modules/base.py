@@ -239,8 +239,7 @@ class MaskedConditionalVAE(MaskedConditioningModule):
     """A VAE whose decoder sees the masked conditions. Subclasses define `encode(x, c) -> (μ, log σ²)`,
     `decode(z, c, averaged=False)`, `loss(x, x̂, μ, log σ², prior)` and `latent_shape`, where c is the embedded
     condition vector (`embed`, computed once per step), and may define a learned prior p(z | c) with
-    `prior(c, averaged) -> (μ_p, log σ_p²)` (default: None = N(0, I)), or (μ_p, log σ_p², V) with a low-rank
-    covariance factor V (a `prior_factor`, modules/latent_prior.py)."""
+    `prior(c, averaged) -> (μ_p, log σ_p²)` (default: None = N(0, I))."""
 
     def embed(self, conditions: MaskedConditions, *, averaged: bool = False) -> torch.Tensor:
         """The condition embedding of the masked conditions (the EMA copy with `averaged`)."""
@@ -249,19 +248,14 @@ class MaskedConditionalVAE(MaskedConditioningModule):
 
     def prior(self, c: torch.Tensor, *, averaged: bool = False):
         """(μ_p, log σ_p²) of p(z | c), each of `latent_shape`, from the subclass's `prior_net` (c → both,
-        flattened; the EMA copy with `averaged`), and V (n, r) when the model has a `prior_factor`; None for
-        N(0, I) (no prior_net, or None)."""
+        flattened; the EMA copy with `averaged`); None for N(0, I) (no prior_net, or None)."""
         live = getattr(self, "prior_net", None)  # not a class attribute: nn.Module keeps modules in _modules
         if live is None:
             return None
-        shadow = averaged and self.ema is not None
-        prior_net = self.ema.shadow["prior_net"] if shadow else live
+        prior_net = self.ema.shadow["prior_net"] if averaged and self.ema is not None else live
         out = prior_net(c).reshape(len(c), 2 * self.latent_shape[0], *self.latent_shape[1:])
         mu, logvar = out.chunk(2, dim=1)
-        factor = getattr(self, "prior_factor", None)
-        if factor is None:
-            return mu, logvar
-        return mu, logvar, (self.ema.shadow["prior_factor"] if shadow else factor).weight
+        return mu, logvar
 
     @property
     def temperature(self) -> float:
@@ -311,13 +305,8 @@ class MaskedConditionalVAE(MaskedConditioningModule):
         return self.decode(self.from_prior(z.to(self.device) * self.temperature, c, averaged=True), c, averaged=True)
 
     def from_prior(self, eps: torch.Tensor, c: torch.Tensor, averaged: bool = False) -> torch.Tensor:
-        """z ~ p(z | c) from standard normal noise ε: μ_p(c) + σ_p(c)·ε under a learned prior (μ_p + L ε, L L ᵀ the
-        covariance, with a low-rank factor), ε under N(0, I)."""
+        """z ~ p(z | c) from standard normal noise ε: μ_p(c) + σ_p(c)·ε under a learned prior, ε under N(0, I)."""
         prior = self.prior(c, averaged=averaged)
-        if prior is not None and len(prior) == 3:
-            from modules.latent_prior import low_rank_sample
-
-            return low_rank_sample(eps, *prior)
         return eps if prior is None else prior[0] + eps * torch.exp(0.5 * prior[1])
 
 

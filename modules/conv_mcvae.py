@@ -64,10 +64,6 @@ class ConvMCVAEModelConfig:
     # condition embedding, so that sampled latents agree with the conditions asked for
     prior: Literal["standard", "conditional"] = "standard"
     prior_hidden_dim: int = 128
-    # 0: p(z | c) diagonal; r > 0: its covariance gains a learned V Vᵀ of rank r shared by every c, so that the
-    # latent positions of one sample agree (a diagonal prior drew each grid cell on its own: ghosted bikes;
-    # modules/latent_prior.py)
-    prior_rank: int = 0
     # latent: the mapped condition concatenated to z only (the paper); every_level: also a 1×1 conv of it added to
     # the input of every decoder level (the same as concatenating it and a 1×1 conv), so the condition reaches the
     # fine resolutions directly; film: every level's input scaled and shifted by it, h·(1 + γ(c)) + β(c)
@@ -140,9 +136,6 @@ def check_conv_mcvae_config(cfg: ConvMCVAERunConfig, source: str) -> None:
     require(m.decoder_sigma is None or m.decoder_sigma > 0, source, "model.decoder_sigma", "> 0 or null",
             m.decoder_sigma)
     require(m.prior_hidden_dim >= 1, source, "model.prior_hidden_dim", "≥ 1", m.prior_hidden_dim)
-    require(m.prior_rank >= 0, source, "model.prior_rank", "≥ 0 (0: a diagonal prior)", m.prior_rank)
-    require(m.prior_rank == 0 or m.prior == "conditional", source, "model.prior_rank",
-            "0 unless model.prior is conditional", m.prior_rank)
     require(m.critic_weight >= 0, source, "model.critic_weight", "≥ 0 (0: no critic)", m.critic_weight)
     require(m.critic_realism_weight >= 0, source, "model.critic_realism_weight", "≥ 0", m.critic_realism_weight)
     require(m.critic_numerical_weight >= 0, source, "model.critic_numerical_weight", "≥ 0", m.critic_numerical_weight)
@@ -243,11 +236,6 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
         if self.prior_net is not None:  # start at N(0, I): the prior learns where images with c lie
             nn.init.zeros_(self.prior_net[-1].weight)
             nn.init.zeros_(self.prior_net[-1].bias)
-        self.prior_factor = None
-        if m.prior_rank:
-            from modules.latent_prior import LowRankFactor
-
-            self.prior_factor = LowRankFactor(m.latent_channels * side * side, m.prior_rank)
         # gaussian_nll: log σ of the decoder, fixed (not saved) or one learned scalar
         if m.reconstruction == "gaussian_nll" and m.decoder_sigma is None:
             self.log_sigma = nn.Parameter(torch.full((1,), math.log(0.1)))
@@ -280,8 +268,6 @@ class ConvMCVAE(ImageSampling, MaskedConditionalVAE):
             modules["level_conditions"] = self.level_conditions
         if self.prior_net is not None:
             modules["prior_net"] = self.prior_net
-        if self.prior_factor is not None:
-            modules["prior_factor"] = self.prior_factor
         return nn.ModuleDict(modules)
 
     # ------------------------------------------------------------------ model

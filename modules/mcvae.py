@@ -137,16 +137,12 @@ def lecun_normal_(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, prior: Optional[tuple[torch.Tensor, ...]] = None
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, prior: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                   ) -> torch.Tensor:
     """KL(N(μ, σ²) ‖ N(0, I)) per sample, summed over latent dims (Kingma & Welling 2014, App. B); with
     `prior` = (μ_p, log σ_p²), KL(N(μ, σ²) ‖ N(μ_p, σ_p²)) = ½ Σ [log σ_p² − log σ² + (σ² + (μ − μ_p)²)/σ_p² − 1]."""
     if prior is None:
         return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
-    if len(prior) == 3:  # (μ_p, log σ_p², V): a low-rank covariance (modules/latent_prior.py)
-        from modules.latent_prior import low_rank_kl
-
-        return low_rank_kl(mu, logvar, *prior)
     prior_mu, prior_logvar = prior
     return 0.5 * torch.sum(prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1,
                            dim=1)
